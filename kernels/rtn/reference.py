@@ -16,11 +16,10 @@ from effllm_kernels.packing import unpack_codes
 def dequantize(
     packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int, in_features: int
 ) -> torch.Tensor:
-    """Return the dense [N, K] weight in ``scales.dtype``, computed in fp32."""
+    """Return the dense [N, K] weight in fp32 (exact for every statistics dtype)."""
     codes = unpack_codes(packed, bits, in_features).float()  # [N, K]
     gidx = torch.arange(in_features, device=packed.device) // group_size  # [K]
-    w = (codes - zeros.float()[:, gidx]) * scales.float()[:, gidx]
-    return w.to(scales.dtype)
+    return (codes - zeros.float()[:, gidx]) * scales.float()[:, gidx]
 
 
 def rtn_linear_reference(

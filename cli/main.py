@@ -1,0 +1,260 @@
+"""The ``effllm`` command line: parse flags, build a recipe, call effllm_tools, render. No algorithms."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from effllm_cli.output import EXIT_GATE, RichReporter, Ui, effllm_version, run_guarded
+
+app = typer.Typer(
+    name="effllm",
+    help="Compress and extend pretrained LLM checkpoints. MODEL is a transformers directory, a .gguf file, "
+    "a hub id, or 'demo' (the offline SmolLM2-135M model). Exit codes: 0 ok, 1 internal error, 2 bad input, "
+    "3 out of memory, 4 unsupported model or method, 5 quality gate failed, 130 interrupted.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+# Options shared by the commands (Typer has no option groups: these aliases keep them identical).
+ModelArg = Annotated[str, typer.Argument(help="Model directory, .gguf file, hub id, or 'demo'.", show_default=False)]
+OutOpt = Annotated[Path | None, typer.Option("-o", "--output", help="Output directory (must not exist unless --overwrite).")]
+MethodOpt = Annotated[str | None, typer.Option("--method", "-m", help="Method name (see --list-methods).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: key=value, e.g. rtn.bits=3.")]
+DatasetOpt = Annotated[str | None, typer.Option("--dataset", help="Text: file, folder, .jsonl, or a named set (austen, pydocs, calib-mix, ...).")]
+FieldOpt = Annotated[str, typer.Option("--field", help="JSONL field holding the text.")]
+NsamplesOpt = Annotated[int | None, typer.Option("--nsamples", help="Calibration windows.")]
+SeqlenCalOpt = Annotated[int | None, typer.Option("--calib-seqlen", help="Tokens per calibration window.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (same seed, same bytes on the CPU).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (as stored), float32, bfloat16 or float16.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Validate and show the plan; read headers only, write nothing.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted calibration from its per-layer state.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one schema-versioned JSON object on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="Only errors on stderr.")]
+VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="Debug logs and tracebacks.")]
+ListOpt = Annotated[bool, typer.Option("--list-methods", help="List the methods of this command and exit.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"effllm {effllm_version()}\n")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """effllm: compress and extend LLM checkpoints."""
+
+
+def _finish(code: int) -> None:
+    if code:
+        raise typer.Exit(code)
+
+
+def _list_methods(ui: Ui, verb: str) -> None:
+    from effllm_tools.registry import all_methods
+
+    rows = [m for m in all_methods().values() if m.verb == verb]
+    payload = {"methods": [{"name": m.name, "available": m.available, "summary": m.summary, "paper": m.paper,
+                            "keys": list(m.keys())} for m in rows]}
+    plain = "\n".join(f"{m.name:<12} {'available' if m.available else 'not available'}  {m.summary}" for m in rows)
+    ui.result(payload, plain)
+
+
+def _compress(ui: Ui, verb: str, model: str, output: Path | None, method: str, stage_keys: dict[str, Any], *,
+              sets: list[str] | None, dataset: str | None, field: str, nsamples: int | None, calib_seqlen: int | None,
+              seed: int, device: str, dtype: str, overwrite: bool, dry_run: bool, resume: bool) -> None:
+    """Build a one-stage recipe from flags and run it (or plan it with --dry-run)."""
+    from effllm_tools.recipe import apply_override, parse_recipe
+    from effllm_tools.registry import get_method
+
+    get_method(method, verb)  # unknown / unavailable methods exit before anything loads
+    calibration = {k: v for k, v in {"dataset": dataset, "field": field, "nsamples": nsamples,
+                                     "seqlen": calib_seqlen}.items() if v is not None}
+    raw: dict[str, Any] = {
+        "version": 1, "model": model, "seed": seed, "calibration": calibration,
+        "stages": [{"method": method, **{k: v for k, v in stage_keys.items() if v is not None}}],
+        "output": {"path": str(output) if output else None, "overwrite": overwrite},
+    }
+    for item in sets or []:
+        apply_override(raw, item)
+    recipe = parse_recipe(raw, source="command line")
+    _execute(ui, recipe, device=device, dtype=dtype, dry_run=dry_run, resume=resume)
+
+
+def _execute(ui: Ui, recipe: Any, *, device: str, dtype: str, dry_run: bool, resume: bool) -> None:
+    from effllm_tools.runner import plan_recipe, run_recipe
+
+    if dry_run:
+        plan = plan_recipe(recipe)
+        lines = [f"model: {plan['model']['spec']} ({plan['model_type']}, {plan['parameters'] / 1e6:.1f}M parameters)"]
+        lines += [f"stage {i}: {st}" for i, st in enumerate(plan["stages"])]
+        lines.append(f"matched linear modules: {plan['matched_linear_modules']}")
+        lines.append(f"estimated host memory: {plan['estimated_host_memory_gb']} GB")
+        ui.result({"dry_run": True, "plan": plan}, "\n".join(lines))
+        return
+    result = run_recipe(recipe, device=device, dtype=None if dtype == "auto" else dtype,
+                        reporter=RichReporter(ui), resume=resume)
+    ui.result({k: result[k] for k in ("output_dir", "metrics", "timings", "stages")}, result["output_dir"])
+
+
+@app.command()
+def quantize(
+    model: ModelArg, output: OutOpt = None, method: MethodOpt = "rtn",
+    bits: Annotated[int | None, typer.Option("--bits", help="Weight bits.")] = None,
+    group_size: Annotated[int | None, typer.Option("--group-size", help="Group size (<= 0: per output channel).")] = None,
+    symmetric: Annotated[bool | None, typer.Option("--symmetric/--asymmetric", help="Grid type.")] = None,
+    sets: SetOpt = None, dataset: DatasetOpt = None, field: FieldOpt = "text", nsamples: NsamplesOpt = None,
+    calib_seqlen: SeqlenCalOpt = None, seed: SeedOpt = 0, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    overwrite: OverwriteOpt = False, dry_run: DryRunOpt = False, resume: ResumeOpt = False, json: JsonOpt = False,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False, list_methods: ListOpt = False,
+) -> None:
+    """Quantize weights: effllm quantize --method rtn --bits 4 --group-size 64 demo -o out/"""
+    ui = Ui(quiet=quiet, verbose=verbose, json_mode=json, command="quantize")
+    if list_methods:
+        return _finish(run_guarded(ui, lambda: _list_methods(ui, "quantize")))
+    keys = {"bits": bits, "group_size": group_size, "symmetric": symmetric}
+    _finish(run_guarded(ui, lambda: _compress(
+        ui, "quantize", model, output, method or "rtn", keys, sets=sets, dataset=dataset, field=field,
+        nsamples=nsamples, calib_seqlen=calib_seqlen, seed=seed, device=device, dtype=dtype, overwrite=overwrite,
+        dry_run=dry_run, resume=resume)))
+
+
+def _simple_verb(verb: str, default_method: str, doc: str, extra: dict[str, tuple[type, str]]) -> None:
+    """Register a compress verb whose stage keys are the given extra options."""
+
+    def command(
+        model: ModelArg, output: OutOpt = None, method: MethodOpt = default_method, sets: SetOpt = None,
+        dataset: DatasetOpt = None, field: FieldOpt = "text", nsamples: NsamplesOpt = None,
+        calib_seqlen: SeqlenCalOpt = None, seed: SeedOpt = 0, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+        overwrite: OverwriteOpt = False, dry_run: DryRunOpt = False, resume: ResumeOpt = False, json: JsonOpt = False,
+        quiet: QuietOpt = False, verbose: VerboseOpt = False, list_methods: ListOpt = False, **keys: Any,
+    ) -> None:
+        ui = Ui(quiet=quiet, verbose=verbose, json_mode=json, command=verb)
+        if list_methods:
+            return _finish(run_guarded(ui, lambda: _list_methods(ui, verb)))
+        _finish(run_guarded(ui, lambda: _compress(
+            ui, verb, model, output, method or default_method, keys, sets=sets, dataset=dataset, field=field,
+            nsamples=nsamples, calib_seqlen=calib_seqlen, seed=seed, device=device, dtype=dtype,
+            overwrite=overwrite, dry_run=dry_run, resume=resume)))
+
+    import inspect
+
+    sig = inspect.signature(command)
+    params = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    for name, (tp, help_text) in extra.items():
+        opt = typer.Option("--" + name.replace("_", "-"), help=help_text)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=Annotated[tp | None, opt]))
+    command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    command.__doc__ = doc
+    app.command(verb)(command)
+
+
+_simple_verb("quantize-kv", "aqua-kv", "Quantize the KV cache: effllm quantize-kv --method aqua-kv MODEL -o OUT",
+             {"bits": (int, "KV bits.")})
+_simple_verb("prune", "wanda++", "Prune weights: effllm prune --method wanda++ --sparsity 2:4 MODEL -o OUT",
+             {"sparsity": (str, "A ratio such as 0.5, or N:M such as 2:4.")})
+_simple_verb("extend-context", "longrope2",
+             "Extend the context window: effllm extend-context --method longrope2 --target-length 32768 MODEL -o OUT",
+             {"target_length": (int, "New context length in tokens.")})
+_simple_verb("sparsify-attn", "seer", "Block-sparse attention gates: effllm sparsify-attn --method seer MODEL -o OUT",
+             {"sparsity": (float, "Target attention sparsity.")})
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)],
+    model: Annotated[str | None, typer.Option("--model", help="Override the recipe's model.")] = None,
+    output: OutOpt = None, sets: SetOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    overwrite: OverwriteOpt = False, dry_run: DryRunOpt = False, resume: ResumeOpt = False, json: JsonOpt = False,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+) -> None:
+    """Run a recipe (several stages, one process): effllm run recipes/rtn-4bit.yaml -o out/"""
+    ui = Ui(quiet=quiet, verbose=verbose, json_mode=json, command="run")
+
+    def body() -> None:
+        from effllm_tools.recipe import load_recipe_file
+
+        overrides = list(sets or [])
+        if model:
+            overrides.append(f"model={model}")
+        if output:
+            overrides.append(f"output.path={output}")
+        if overwrite:
+            overrides.append("output.overwrite=true")
+        _execute(ui, load_recipe_file(recipe, overrides), device=device, dtype=dtype, dry_run=dry_run, resume=resume)
+
+    _finish(run_guarded(ui, body))
+
+
+@app.command("eval-ppl")
+def eval_ppl(
+    model: ModelArg,
+    dataset: Annotated[str, typer.Option("--dataset", help="Evaluation text (file, folder, .jsonl or named set).")] = "austen-prideprejudice",
+    field: FieldOpt = "text",
+    seqlen: Annotated[int, typer.Option("--seqlen", help="Window length in tokens.")] = 2048,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Use only the first N tokens.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 1,
+    kld_base: Annotated[str | None, typer.Option("--kld-base", help="Also report KL(base || MODEL) per token.")] = None,
+    max_ppl: Annotated[float | None, typer.Option("--max-ppl", help="Exit 5 if the perplexity exceeds this.")] = None,
+    device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", seed: SeedOpt = 0, json: JsonOpt = False,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+) -> None:
+    """Perplexity by the GPTQ protocol: effllm eval-ppl demo --seqlen 512 --max-tokens 20480 --json"""
+    ui = Ui(quiet=quiet, verbose=verbose, json_mode=json, command="eval-ppl")
+    gate_failed: list[bool] = []
+
+    def body() -> None:
+        from effllm_tools.eval.run import run_eval_ppl
+
+        res = run_eval_ppl(model, dataset=dataset, field=field, seqlen=seqlen, max_tokens=max_tokens,
+                           batch_size=batch_size, kld_base=kld_base, device=device, dtype=dtype, seed=seed,
+                           reporter=RichReporter(ui))
+        ppl = res["metrics"]["ppl"]
+        plain = f"ppl {ppl:.4f}" + (f"  kld {res['metrics']['kld']:.5f}" if kld_base else "")
+        if max_ppl is not None:
+            res["gate"] = {"max_ppl": max_ppl, "passed": ppl <= max_ppl}
+            gate_failed.append(ppl > max_ppl)
+        ui.result(res, plain)
+
+    code = run_guarded(ui, body)
+    if not code and gate_failed and gate_failed[0]:
+        code = ui.fail(EXIT_GATE, f"perplexity exceeds --max-ppl {max_ppl}") if not json else EXIT_GATE
+        if json:
+            ui.err.print(f"effllm: error: perplexity exceeds --max-ppl {max_ppl}", markup=False)
+    _finish(code)
+
+
+@app.command()
+def inspect(
+    path: Annotated[str, typer.Argument(help="An effllm output directory (or any transformers checkpoint).")],
+    json: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False,
+) -> None:
+    """What a checkpoint holds: methods applied, bits, sparsity, rope scaling, provenance."""
+    ui = Ui(quiet=quiet, verbose=verbose, json_mode=json, command="inspect")
+
+    def body() -> None:
+        from effllm_tools.io.inspect import inspect_checkpoint, render_inspection
+
+        info = inspect_checkpoint(Path(path))
+        ui.result(info, render_inspection(info))
+
+    _finish(run_guarded(ui, body))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""stdout for results, stderr for everything else; errors become one line and an exit code."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Iterable, Iterator
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, TypeVar
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+T = TypeVar("T")
+SCHEMA = "effllm.result/1"
+
+# Exit codes (README "Exit codes"); mirrored from effllm_tools.errors.ExitCode without importing torch.
+EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_OOM, EXIT_UNSUPPORTED, EXIT_GATE, EXIT_INTERRUPTED = 1, 2, 3, 4, 5, 130
+
+
+def effllm_version() -> str:
+    try:
+        return version("effllm")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class Ui:
+    """Per-invocation output settings: verbosity, JSON mode, the stderr console."""
+
+    def __init__(self, *, quiet: bool = False, verbose: bool = False, json_mode: bool = False, command: str = "") -> None:
+        self.quiet, self.verbose, self.json_mode, self.command = quiet, verbose, json_mode, command
+        self.err = Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")) or None)
+        level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+        handler = RichHandler(console=self.err, show_time=False, show_path=False, markup=False)
+        logging.basicConfig(level=level, handlers=[handler], format="%(message)s", force=True)
+        for noisy in ("transformers", "accelerate", "huggingface_hub", "torch"):
+            logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.INFO)
+        if not verbose:
+            os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+            with contextlib.suppress(Exception):
+                import warnings
+
+                warnings.filterwarnings("ignore")
+
+    @property
+    def show_progress(self) -> bool:
+        return not self.quiet and self.err.is_terminal
+
+    def result(self, payload: dict[str, Any], plain: str | None) -> None:
+        """Print the command's result on stdout: one JSON object, or plain text."""
+        if self.json_mode:
+            obj = {"schema": SCHEMA, "effllm_version": effllm_version(), "command": self.command, "status": "ok", **payload}
+            sys.stdout.write(json.dumps(obj, default=str) + "\n")
+        elif plain is not None:
+            sys.stdout.write(plain + "\n")
+        sys.stdout.flush()
+
+    def fail(self, code: int, message: str) -> int:
+        self.err.print(f"effllm: error: {message}", markup=False, highlight=False, soft_wrap=True)
+        if self.json_mode:
+            obj = {"schema": SCHEMA, "effllm_version": effllm_version(), "command": self.command,
+                   "status": "error", "exit_code": code, "error": message}
+            sys.stdout.write(json.dumps(obj) + "\n")
+        return code
+
+
+class RichReporter:
+    """effllm_tools.reporting.Reporter drawn with rich progress bars on stderr (only on a terminal)."""
+
+    def __init__(self, ui: Ui) -> None:
+        self.ui = ui
+        self.log = logging.getLogger("effllm")
+
+    def progress_iter(self, items: Iterable[T], label: str, total: int | None = None) -> Iterator[T]:
+        if not self.ui.show_progress:
+            yield from items
+            return
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=self.ui.err, transient=True) as progress:
+            task = progress.add_task(label, total=total)
+            for item in items:
+                yield item
+                progress.advance(task)
+
+    def info(self, message: str) -> None:
+        self.log.info(message)
+
+    def warning(self, message: str) -> None:
+        self.log.warning(message)
+
+
+def run_guarded(ui: Ui, body: Any) -> int:
+    """Run ``body()``; map every failure to one stderr line and its exit code."""
+    try:
+        body()
+        return 0
+    except KeyboardInterrupt:
+        return ui.fail(EXIT_INTERRUPTED, "interrupted; no output was written")
+    except Exception as err:  # noqa: BLE001 - the one place that maps every error
+        from effllm_tools.errors import EffllmError
+
+        if ui.verbose:
+            traceback.print_exc(file=sys.stderr)
+        if isinstance(err, EffllmError):
+            return ui.fail(int(err.exit_code), str(err))
+        import torch
+
+        if isinstance(err, torch.OutOfMemoryError | MemoryError):
+            return ui.fail(EXIT_OOM, f"out of memory ({str(err).splitlines()[0][:160] if str(err) else type(err).__name__}); "
+                                     "try --device cpu, a smaller --batch-size or fewer calibration samples")
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        hint = "" if ui.verbose else " (run with -v for the traceback)"
+        return ui.fail(EXIT_INTERNAL, f"internal error: {type(err).__name__}: {first[:300]}{hint}")

@@ -1,0 +1,85 @@
+"""``effllm inspect``: what a checkpoint holds, read from its config, provenance and tensor headers."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from effllm_tools.errors import BadInputError
+from effllm_tools.io.save import PROVENANCE_FILE
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, without reading tensors; errors name the file."""
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise BadInputError(f"{path}: truncated safetensors file (no header)")
+            (n,) = struct.unpack("<Q", raw)
+            size = path.stat().st_size
+            if n > size - 8:
+                raise BadInputError(f"{path}: corrupt safetensors header (length {n} beyond file size {size})")
+            header = json.loads(fh.read(n))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BadInputError(f"{path}: corrupt safetensors header ({err})") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise BadInputError(f"{path}: truncated safetensors file ({size} bytes, header needs {8 + n + end})")
+    return header
+
+
+def inspect_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise BadInputError(f"{path}: not a checkpoint directory (no config.json)")
+    config = json.loads((path / "config.json").read_text())
+    files = sorted(path.glob("*.safetensors"))
+    dtypes: Counter[str] = Counter()
+    tensors = 0
+    for f in files:
+        for name, meta in read_safetensors_header(f).items():
+            if name != "__metadata__":
+                tensors += 1
+                dtypes[meta["dtype"]] += 1
+    prov_path = path / PROVENANCE_FILE
+    provenance = json.loads(prov_path.read_text()) if prov_path.is_file() else None
+    qc = config.get("quantization_config") or {}
+    modules = qc.get("modules", {}) if qc.get("quant_method") == "effllm" else {}
+    bits = sorted({m.get("bits") for m in modules.values() if "bits" in m})
+    return {
+        "path": str(path.resolve()),
+        "model_type": config.get("model_type"),
+        "architectures": config.get("architectures"),
+        "methods": [st["method"] for st in provenance.get("stages", [])] if provenance else [],
+        "quantization": {"quant_method": qc.get("quant_method"), "modules": len(modules), "bits": bits,
+                         "formats": sorted({m.get("format") for m in modules.values()})} if qc else None,
+        "metrics": provenance.get("metrics") if provenance else None,
+        "rope_scaling": config.get("rope_scaling") or config.get("rope_parameters"),
+        "max_position_embeddings": config.get("max_position_embeddings"),
+        "files": [f.name for f in files],
+        "size_bytes": sum(f.stat().st_size for f in files),
+        "tensors": tensors,
+        "tensor_dtypes": dict(dtypes),
+        "provenance": {k: provenance.get(k) for k in ("effllm_version", "created", "source", "seed", "data",
+                                                       "recipe_sha256", "machine", "packages")} if provenance else None,
+    }
+
+
+def render_inspection(info: dict[str, Any]) -> str:
+    q = info["quantization"]
+    lines = [
+        f"path:        {info['path']}",
+        f"model:       {info['model_type']} {info['architectures']}",
+        f"methods:     {', '.join(info['methods']) or 'none recorded'}",
+        f"quantized:   {q['modules']} modules, bits {q['bits']}, formats {q['formats']}" if q else "quantized:   no",
+        f"metrics:     {info['metrics']}" if info["metrics"] else "metrics:     none recorded",
+        f"rope:        {info['rope_scaling']} (max positions {info['max_position_embeddings']})",
+        f"size:        {info['size_bytes'] / 1e6:.1f} MB in {len(info['files'])} file(s), {info['tensors']} tensors {info['tensor_dtypes']}",
+    ]
+    p = info["provenance"]
+    if p:
+        lines.append(f"provenance:  effllm {p['effllm_version']}, {p['created']}, from {p['source']}, seed {p['seed']}")
+    return "\n".join(lines)

@@ -1,0 +1,135 @@
+"""Open whatever MODEL names: a transformers directory, a GGUF file, a hub id, or ``demo``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from effllm_tools.errors import BadInputError, UnsupportedError
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class ModelSource:
+    """Where a model came from (recorded in provenance)."""
+
+    spec: str
+    kind: str  # "directory" | "gguf" | "hub" | "demo"
+    path: Path | None
+    gguf_file: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"spec": self.spec, "kind": self.kind, "path": str(self.path) if self.path else None}
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    source: ModelSource
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype) or name == "auto":
+        return name if isinstance(name, torch.dtype) else None
+    if name not in DTYPES:
+        raise BadInputError(f"unknown --dtype {name!r}; use auto, float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+def resolve_source(spec: str) -> ModelSource:
+    """Classify MODEL without loading weights; missing paths are errors (exit 2)."""
+    if spec == "demo":
+        from effllm_tools.io.demo import ensure_demo_checkpoint
+
+        return ModelSource(spec, "demo", ensure_demo_checkpoint())
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BadInputError(f"{spec}: directory has no config.json (not a transformers checkpoint)")
+        return ModelSource(spec, "directory", path.resolve())
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise BadInputError(f"{spec}: not a model directory or .gguf file")
+        return ModelSource(spec, "gguf", path.resolve().parent, gguf_file=path.name)
+    if _HUB_ID.match(spec) and not Path(spec.split("/")[0]).exists():
+        return ModelSource(spec, "hub", None)  # org/name that is not a local path
+    raise BadInputError(f"{spec}: no such file or directory")
+
+
+@contextlib.contextmanager
+def gguf_errors(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except (ValueError, KeyError, OSError, IndexError, EOFError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BadInputError(f"{path}: cannot read GGUF file ({first[:200]})") from err
+
+
+def load_config(source: ModelSource) -> Any:
+    """The transformers config, checked against the architecture table."""
+    from transformers import AutoConfig
+
+    from effllm_tools.pipeline.arch import get_arch
+
+    try:
+        if source.kind == "gguf":
+            with gguf_errors(source.path / source.gguf_file):
+                config = AutoConfig.from_pretrained(str(source.path), gguf_file=source.gguf_file)
+        elif source.kind == "hub":
+            config = AutoConfig.from_pretrained(source.spec)
+        else:
+            config = AutoConfig.from_pretrained(str(source.path))
+    except BadInputError:
+        raise
+    except (OSError, ValueError, json.JSONDecodeError) as err:
+        where = source.spec
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if source.kind == "hub":
+            raise BadInputError(f"{where}: not a local path and the model hub is not reachable ({msg[:160]})") from err
+        raise BadInputError(f"{where}: cannot read config ({msg[:200]})") from err
+    get_arch(config)  # raises UnsupportedError for non-decoder models
+    return config
+
+
+def load_model(spec: str, *, device: str = "cpu", dtype: str | torch.dtype | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer. ``import effllm_tools`` made effllm formats loadable."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_source(spec)
+    config = load_config(source)
+    torch_dtype = parse_dtype(dtype)
+    where = str(source.path) if source.path else source.spec
+    kwargs: dict[str, Any] = {"dtype": torch_dtype or "auto"}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        ctx = gguf_errors(source.path / source.gguf_file) if source.gguf_file else contextlib.nullcontext()
+        with ctx:
+            model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(where, **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
+    except (BadInputError, UnsupportedError):
+        raise
+    except (OSError, ValueError, RuntimeError) as err:
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "safetensors" in msg.lower() or "header" in msg.lower() or "deserializ" in msg.lower():
+            raise BadInputError(f"{source.spec}: corrupt or truncated safetensors file ({msg[:160]})") from err
+        raise BadInputError(f"{source.spec}: cannot load model ({msg[:200]})") from err
+    model.eval()
+    if device != "cpu":
+        model.to(device)
+    return LoadedModel(model, tokenizer, source, info={"model_type": config.model_type})

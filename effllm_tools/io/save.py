@@ -1,0 +1,108 @@
+"""Write checkpoints atomically: a temporary directory beside the target, renamed at the end.
+
+The input is never written to, an existing output is refused without ``overwrite``, and an error
+or Ctrl-C leaves no partial directory behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from effllm_tools.errors import BadInputError
+
+PROVENANCE_FILE = "effllm_provenance.json"
+RECIPE_FILE = "effllm_recipe.yaml"
+MAX_SHARD_SIZE = "2GB"
+
+
+def check_output_path(out: Path, *, overwrite: bool, inputs: list[Path]) -> None:
+    """Refuse an output that exists (without overwrite) or that overlaps an input."""
+    out = out.expanduser().resolve()
+    for src in inputs:
+        src = src.resolve()
+        if out == src or src in out.parents or out in src.parents:
+            raise BadInputError(f"output {out} overlaps the input {src}; choose another -o/--output")
+    if out.exists() and not overwrite:
+        raise BadInputError(f"output {out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"output {out} exists and is not a directory")
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``out`` only if the block finishes."""
+    out = out.expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            if not overwrite:
+                raise BadInputError(f"output {out} appeared while writing; pass --overwrite to replace it")
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_checkpoint(model: Any, tokenizer: Any, out: Path, *, overwrite: bool, provenance: dict[str, Any],
+                     recipe: dict[str, Any]) -> Path:
+    """Save model, tokenizer, generation config, recipe, provenance and a model card."""
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(str(tmp), max_shard_size=MAX_SHARD_SIZE)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        (tmp / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+        (tmp / "README.md").write_text(model_card(provenance, recipe))
+    return out.expanduser().resolve()
+
+
+def model_card(provenance: dict[str, Any], recipe: dict[str, Any]) -> str:
+    stages = provenance.get("stages", [])
+    lines = [
+        "---",
+        f"base_model: {provenance.get('source', {}).get('spec', 'unknown')}",
+        "library_name: transformers",
+        "tags: [effllm]",
+        "---",
+        "",
+        f"# Compressed with effllm {provenance.get('effllm_version', '')}",
+        "",
+        "| stage | method | key metrics |",
+        "|---|---|---|",
+    ]
+    for i, st in enumerate(stages):
+        metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in st.get("metrics", {}).items())
+        lines.append(f"| {i} | {st['method']} | {metrics} |")
+    lines += [
+        "",
+        "Load it with `import effllm_tools` then `AutoModelForCausalLM.from_pretrained(path)`,",
+        "or `effllm_tools.load(path)`. Inspect it with `effllm inspect PATH`.",
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        yaml.safe_dump(recipe, sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

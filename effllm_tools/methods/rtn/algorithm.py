@@ -1,0 +1,83 @@
+"""Round-to-nearest groupwise weight quantization: pure tensor math, no modules.
+
+Grid per (output row, group of ``group_size`` input columns):
+- asymmetric: min-max, ``scale = (max - min) / (2**bits - 1)``, ``zero = -min / scale`` kept as a
+  float in code units (HQQ-style; an integer zero point would shift the grid off a min-max grid such
+  as GGUF Q4_1's and lose accuracy);
+- symmetric: GPTQ's convention, ``scale = 2 * absmax / (2**bits - 1)``, ``zero = 2**(bits - 1)``.
+``W_hat = (code - zero) * scale``. The last group may be shorter than ``group_size`` (K=576, g=128).
+Statistics are rounded to their storage dtype *before* the codes are chosen, so the stored
+checkpoint reproduces exactly the weights this function returns.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_count(in_features: int, group_size: int) -> int:
+    return (in_features + group_size - 1) // group_size
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] -> padded [N, G, g] view and a validity mask [G, g] (False in the ragged tail)."""
+    n, k = w.shape
+    g = group_count(k, group_size)
+    pad = g * group_size - k
+    wp = torch.nn.functional.pad(w, (0, pad)).reshape(n, g, group_size)
+    valid = (torch.arange(g * group_size, device=w.device) < k).reshape(g, group_size)
+    return wp, valid
+
+
+def fit_grid(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, stats_dtype: torch.dtype = torch.float16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zeros [N, G] (in ``stats_dtype``) for weight [N, K]."""
+    maxq = (1 << bits) - 1
+    wp, valid = _grouped(w.float(), group_size)
+    xmin = torch.where(valid, wp, torch.inf).amin(-1)  # [N, G]
+    xmax = torch.where(valid, wp, -torch.inf).amax(-1)
+    if symmetric:
+        scale = 2 * torch.maximum(xmin.abs(), xmax.abs()) / maxq
+        zero = torch.full_like(scale, float(1 << (bits - 1)))
+    else:
+        scale = (xmax - xmin) / maxq
+    tiny = torch.finfo(stats_dtype).tiny
+    scale = torch.where(scale > tiny, scale, torch.ones_like(scale)).to(stats_dtype)
+    if not symmetric:
+        zero = (-xmin / scale.float()).to(stats_dtype)
+    return scale, zero.to(stats_dtype)
+
+
+def quantize_to_codes(
+    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int
+) -> torch.Tensor:
+    """Nearest codes [N, K] uint8 for weight [N, K] on the given grid."""
+    k = w.shape[1]
+    gidx = torch.arange(k, device=w.device) // group_size
+    q = torch.round(w.float() / scales.float()[:, gidx] + zeros.float()[:, gidx])
+    return q.clamp_(0, (1 << bits) - 1).to(torch.uint8)
+
+
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N, K] fp32 weight from codes and statistics."""
+    gidx = torch.arange(codes.shape[1], device=codes.device) // group_size
+    return (codes.float() - zeros.float()[:, gidx]) * scales.float()[:, gidx]
+
+
+def quantize_rtn(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, stats_dtype: torch.dtype = torch.float16
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes [N, K] uint8, scales and zeros [N, G]. ``group_size`` <= 0 means one group per row."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in 2..8, got {bits}")
+    if group_size <= 0 or group_size > w.shape[1]:
+        group_size = w.shape[1]
+    scales, zeros = fit_grid(w, bits, group_size, symmetric, stats_dtype)
+    return quantize_to_codes(w, scales, zeros, bits, group_size), scales, zeros
+
+
+def average_bits(bits: int, group_size: int, in_features: int, stats_dtype: torch.dtype) -> float:
+    """Exact storage bits per weight: codes plus one scale and one zero per group."""
+    stat_bits = torch.finfo(stats_dtype).bits
+    return bits + 2 * stat_bits * group_count(in_features, group_size) / in_features

@@ -1,0 +1,88 @@
+"""Glue for ``rtn``: recipe keys, and how it changes the model (data-free, module by module)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from effllm_tools.errors import BadInputError
+from effllm_tools.methods.rtn.format import RTNLinear
+from effllm_tools.registry import MethodSpec, StageResult, register_method
+
+
+@dataclass
+class RTNConfig:
+    """Recipe keys of the ``rtn`` stage."""
+
+    bits: int = 4
+    group_size: int = 128  # <= 0: one group per output row (per-channel)
+    symmetric: bool = False
+    stats_dtype: str = "float16"  # float16 | bfloat16 | float32
+    ignore: list[str] = field(default_factory=list)  # regexes on module names left in full precision
+
+    def validate(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise BadInputError(f"rtn: bits must be between 2 and 8, got {self.bits}")
+        if self.stats_dtype not in ("float16", "bfloat16", "float32"):
+            raise BadInputError(f"rtn: stats_dtype must be float16, bfloat16 or float32, got {self.stats_dtype!r}")
+        for pattern in self.ignore:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise BadInputError(f"rtn: ignore pattern {pattern!r} is not a valid regex: {err}") from None
+
+
+def target_linears(model: nn.Module, layers_prefix: str, ignore: list[str]) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside the decoder layers, minus the ignored names."""
+    found = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and name.startswith(layers_prefix + "."):
+            if not any(re.search(p, name) for p in ignore):
+                found[name] = mod
+    return found
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+@torch.no_grad()
+def apply_rtn(ctx: Any, cfg: RTNConfig) -> StageResult:
+    """Quantize every target linear to RTN codes and swap in :class:`RTNLinear` modules."""
+    targets = target_linears(ctx.model, ctx.layers_prefix, cfg.ignore)
+    stored = weights = 0
+    sq_err = sq_ref = 0.0
+    for name, lin in ctx.progress_iter(list(targets.items()), "rtn"):
+        q = RTNLinear.from_linear(lin, cfg.bits, cfg.group_size, cfg.symmetric, cfg.stats_dtype)
+        w = lin.weight.data.float()
+        w_hat = q.dequantized().float()
+        sq_err += float((w - w_hat).pow(2).sum())
+        sq_ref += float(w.pow(2).sum())
+        stored += q.storage_bits()
+        weights += w.numel()
+        replace_module(ctx.model, name, q.to(lin.weight.device))
+        ctx.record_module(name, q.spec())
+    return StageResult(
+        metrics={
+            "quantized_modules": len(targets),
+            "avg_bits": stored / max(weights, 1),
+            "weight_rel_error": (sq_err / max(sq_ref, 1e-30)) ** 0.5,
+        }
+    )
+
+
+register_method(
+    MethodSpec(
+        name="rtn",
+        verb="quantize",
+        kind="weight-quant",
+        summary="round-to-nearest groupwise weights, 2-8 bits (baseline)",
+        config=RTNConfig,
+        apply=apply_rtn,
+    )
+)

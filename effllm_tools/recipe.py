@@ -1,0 +1,203 @@
+"""Versioned YAML recipes: the model, calibration data, ordered stages, the output.
+
+Validated completely before any weight is loaded; every error names the offending key.
+
+    version: 1
+    model: demo
+    calibration: {dataset: calib-mix, nsamples: 128, seqlen: 512}
+    seed: 0
+    stages:
+      - method: rtn
+        bits: 4
+        group_size: 64
+    output: {path: out/rtn4, overwrite: false}
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from effllm_tools.errors import BadInputError
+from effllm_tools.registry import KIND_ORDER, MethodSpec, get_method
+
+RECIPE_VERSION = 1
+TOP_KEYS = {"version", "name", "description", "model", "calibration", "seed", "stages", "output"}
+CALIBRATION_DEFAULTS = {"dataset": "calib-mix", "nsamples": 128, "seqlen": 512, "field": "text"}
+CALIBRATION_TYPES = {"dataset": str, "nsamples": int, "seqlen": int, "field": str}
+OUTPUT_DEFAULTS = {"path": None, "overwrite": False}
+
+
+@dataclass
+class Stage:
+    method: str
+    spec: MethodSpec
+    config: Any  # instance of spec.config
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self.config)}
+
+
+@dataclass
+class Recipe:
+    model: str | None
+    stages: list[Stage]
+    calibration: dict[str, Any] = field(default_factory=lambda: dict(CALIBRATION_DEFAULTS))
+    seed: int = 0
+    output: dict[str, Any] = field(default_factory=lambda: dict(OUTPUT_DEFAULTS))
+    name: str | None = None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(st.spec.needs_calibration for st in self.stages)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"version": RECIPE_VERSION}
+        if self.name:
+            d["name"] = self.name
+        d.update(model=self.model, calibration=dict(self.calibration), seed=self.seed,
+                 stages=[st.to_dict() for st in self.stages], output=dict(self.output))
+        return d
+
+
+def load_recipe_file(path: Path, overrides: list[str] | None = None) -> Recipe:
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: no such recipe file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise BadInputError(f"{path}: cannot read recipe ({err})") from None
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where else ""
+        raise BadInputError(f"{path}: invalid YAML{at}") from None
+    if not isinstance(raw, dict):
+        raise BadInputError(f"{path}: a recipe is a YAML mapping with keys {sorted(TOP_KEYS)}")
+    for item in overrides or []:
+        apply_override(raw, item)
+    return parse_recipe(raw, source=str(path))
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """``--set a.b=c``: a dotted path into the recipe; a stage is named by index or method name."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise BadInputError(f"--set {item!r}: expected key=value, e.g. stages.0.bits=3 or rtn.bits=3")
+    parts = key.split(".")
+    stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
+    named = [i for i, st in enumerate(stages) if isinstance(st, dict) and st.get("method") == parts[0]]
+    if named and len(parts) > 1:
+        parts = ["stages", str(named[0]), *parts[1:]]
+    node: Any = raw
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise BadInputError(f"--set {key}: no element {part!r} (there are {len(node)})")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, dict | list):
+            raise BadInputError(f"--set {key}: {part!r} is not a mapping")
+    parsed = yaml.safe_load(value) if value else ""
+    if isinstance(node, list):
+        raise BadInputError(f"--set {key}: cannot set a list element")
+    node[parts[-1]] = parsed
+
+
+def parse_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        raise BadInputError(f"{source}: unknown key '{sorted(unknown)[0]}' (allowed: {', '.join(sorted(TOP_KEYS))})")
+    version = raw.get("version", RECIPE_VERSION)
+    if version != RECIPE_VERSION:
+        raise BadInputError(f"{source}: version {version!r} is not supported (this effllm reads version {RECIPE_VERSION})")
+    model = raw.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadInputError(f"{source}: 'model' must be a string (path, GGUF file, hub id or 'demo')")
+    stages_raw = raw.get("stages")
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise BadInputError(f"{source}: 'stages' must be a non-empty list of {{method: ..., <keys>}}")
+    stages = [_parse_stage(st, f"{source}: stages[{i}]") for i, st in enumerate(stages_raw)]
+    validate_order(stages, source)
+    calibration = _merge_checked(raw.get("calibration"), CALIBRATION_DEFAULTS, CALIBRATION_TYPES, f"{source}: calibration")
+    output = _merge_checked(raw.get("output"), OUTPUT_DEFAULTS, {"path": str, "overwrite": bool}, f"{source}: output")
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise BadInputError(f"{source}: 'seed' must be an integer, got {seed!r}")
+    return Recipe(model, stages, calibration, seed, output, raw.get("name"))
+
+
+def _merge_checked(value: Any, defaults: dict, types: dict, where: str) -> dict[str, Any]:
+    if value is None:
+        return dict(defaults)
+    if not isinstance(value, dict):
+        raise BadInputError(f"{where}: must be a mapping")
+    for k, v in value.items():
+        if k not in types:
+            raise BadInputError(f"{where}: unknown key '{k}' (allowed: {', '.join(types)})")
+        if v is not None and not _is_type(v, types[k]):
+            raise BadInputError(f"{where}.{k}: expected {types[k].__name__}, got {v!r}")
+    return {**defaults, **value}
+
+
+def _parse_stage(raw: Any, where: str) -> Stage:
+    if not isinstance(raw, dict) or "method" not in raw:
+        raise BadInputError(f"{where}: a stage is a mapping with a 'method' key")
+    spec = get_method(str(raw["method"]))
+    params = {k: v for k, v in raw.items() if k != "method"}
+    fields = spec.keys()
+    hints = typing.get_type_hints(spec.config) if spec.config else {}
+    for k, v in params.items():
+        if k not in fields:
+            raise BadInputError(f"{where}: unknown key '{k}' for method '{spec.name}' (allowed: {', '.join(fields)})")
+        if not _is_type(v, hints[k]):
+            raise BadInputError(f"{where}.{k}: expected {_type_name(hints[k])}, got {v!r}")
+    config = spec.config(**copy.deepcopy(params))
+    if hasattr(config, "validate"):
+        try:
+            config.validate()
+        except BadInputError as err:
+            raise BadInputError(f"{where}: {err}") from None
+    return Stage(spec.name, spec, config)
+
+
+def validate_order(stages: list[Stage], source: str) -> None:
+    """Stages must follow KIND_ORDER, and there is at most one weight quantizer."""
+    ranks = [KIND_ORDER.index(st.spec.kind) for st in stages]
+    for i in range(1, len(stages)):
+        if ranks[i] < ranks[i - 1]:
+            raise BadInputError(
+                f"{source}: stages[{i}] ({stages[i].method}, {stages[i].spec.kind}) cannot come after "
+                f"{stages[i - 1].method} ({stages[i - 1].spec.kind}); order: {' < '.join(KIND_ORDER)}"
+            )
+    quant = [st.method for st in stages if st.spec.kind == "weight-quant"]
+    if len(quant) > 1:
+        raise BadInputError(f"{source}: two weight quantizers ({', '.join(quant)}); a recipe may have one")
+
+
+def _is_type(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_is_type(value, a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        return isinstance(value, list) and all(_is_type(v, inner) for v in value)
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))

@@ -1,0 +1,182 @@
+"""Run a recipe: load once, apply every stage in one process, write one checkpoint."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from effllm_tools.errors import BadInputError
+from effllm_tools.io.load import LoadedModel, load_config, load_model, resolve_source
+from effllm_tools.io.save import check_output_path, write_checkpoint
+from effllm_tools.provenance import base_record, recipe_hash
+from effllm_tools.recipe import Recipe
+from effllm_tools.reporting import Reporter
+
+QUANT_METHOD = "effllm"
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInputError(f"--device {device}: no CUDA GPU is available on this machine")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise BadInputError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class StageContext:
+    """What a method's ``apply`` gets: the model and the shared services of the run."""
+
+    loaded: LoadedModel
+    recipe: Recipe
+    device: str
+    reporter: Reporter
+    layers_prefix: str
+    arch: Any
+    state_dir: Path | None = None
+    resume: bool = False
+    modules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _calibration: Any = None
+    _text_meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self) -> Any:
+        return self.loaded.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+    def progress_iter(self, items: list, label: str):
+        return self.reporter.progress_iter(items, label, total=len(items))
+
+    def record_module(self, name: str, spec: dict[str, Any]) -> None:
+        """A method that swapped ``name`` for a packed module records its format spec here."""
+        self.modules[name] = spec
+
+    def calibration(self) -> Any:
+        """The recipe's calibration windows, tokenized and sampled once per run."""
+        if self._calibration is None:
+            from effllm_tools.data.calibration import sample_calibration, tokenize_text
+            from effllm_tools.data.sources import load_text
+
+            cal = self.recipe.calibration
+            text = load_text(cal["dataset"], field=cal["field"])
+            ids = tokenize_text(self.tokenizer, text.text)
+            self._calibration = sample_calibration(ids, cal["nsamples"], cal["seqlen"], self.recipe.seed)
+            self._text_meta = {"dataset": cal["dataset"], "text_sha256": text.meta.get("sha256")}
+        return self._calibration
+
+    def calibration_record(self) -> dict[str, Any] | None:
+        """Provenance of the calibration data, if a stage used any."""
+        if self._calibration is None:
+            return None
+        starts = self._calibration.meta.get("starts")
+        meta = {k: v for k, v in self._calibration.meta.items() if k != "starts"}
+        return {**self._text_meta, **meta, "sample_sha256": self._calibration.sha256, "windows": len(starts or [])}
+
+
+def layers_prefix_of(model: Any, arch: Any) -> str:
+    from effllm_tools.pipeline.arch import decoder_layers
+
+    layers = decoder_layers(model, arch)
+    for name, mod in model.named_modules():
+        if mod is layers:
+            return name
+    raise BadInputError("cannot locate the decoder layers in the model")
+
+
+def plan_recipe(recipe: Recipe, *, model: str | None = None) -> dict[str, Any]:
+    """``--dry-run``: validate and describe without loading weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from effllm_tools.pipeline.arch import get_arch
+
+    source = resolve_source(model or recipe.model or "")
+    config = load_config(source)
+    with init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(config)
+    arch = get_arch(config)
+    prefix = layers_prefix_of(meta, arch)
+    linears = [n for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(prefix + ".")]
+    params = sum(p.numel() for p in meta.parameters())
+    return {
+        "model": source.describe(),
+        "model_type": config.model_type,
+        "parameters": params,
+        "stages": [st.to_dict() for st in recipe.stages],
+        "matched_linear_modules": len(linears),
+        "estimated_host_memory_gb": round(params * 4 / 1e9 * 1.2, 2),
+        "calibration": recipe.calibration if recipe.needs_calibration else None,
+    }
+
+
+def run_recipe(recipe: Recipe, *, device: str = "auto", dtype: str | None = None, reporter: Reporter | None = None,
+               resume: bool = False) -> dict[str, Any]:
+    """Load the model, apply the stages, write the output. Returns the result record."""
+    from effllm_tools.pipeline.arch import get_arch
+
+    reporter = reporter or Reporter()
+    if not recipe.model:
+        raise BadInputError("the recipe names no model (set 'model:' or pass MODEL)")
+    if not recipe.output.get("path"):
+        raise BadInputError("no output directory: pass -o/--output or set output.path in the recipe")
+    out = Path(recipe.output["path"])
+    source = resolve_source(recipe.model)
+    check_output_path(out, overwrite=recipe.output["overwrite"], inputs=[source.path] if source.path else [])
+    device = resolve_device(device)
+    seed_everything(recipe.seed)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    loaded = load_model(recipe.model, device="cpu", dtype=dtype)
+    timings["load_s"] = time.perf_counter() - t0
+    arch = get_arch(loaded.model.config)
+    state_dir = out.parent / f".{out.name}.state"
+    ctx = StageContext(loaded, recipe, device, reporter, layers_prefix_of(loaded.model, arch), arch,
+                       state_dir=state_dir, resume=resume)
+    stage_records = []
+    for i, stage in enumerate(recipe.stages):
+        reporter.info(f"stage {i}: {stage.method}")
+        t = time.perf_counter()
+        result = stage.spec.apply(ctx, stage.config)
+        timings[f"stage{i}_{stage.method}_s"] = time.perf_counter() - t
+        stage_records.append({"method": stage.method, "config": stage.to_dict(), "metrics": result.metrics})
+    if ctx.modules:
+        loaded.model.config.quantization_config = {
+            "quant_method": QUANT_METHOD, "version": 1,
+            "methods": [st.method for st in recipe.stages], "modules": ctx.modules,
+        }
+    metrics = {k: v for rec in stage_records for k, v in rec["metrics"].items()}
+    recipe_dict = recipe.to_dict()
+    provenance = {
+        **base_record(device),
+        "source": source.describe(),
+        "recipe_sha256": recipe_hash(recipe_dict),
+        "seed": recipe.seed,
+        "data": ctx.calibration_record(),
+        "stages": stage_records,
+        "metrics": metrics,
+    }
+    t = time.perf_counter()
+    written = write_checkpoint(loaded.model, loaded.tokenizer, out, overwrite=recipe.output["overwrite"],
+                               provenance={**provenance, "timings": timings}, recipe=recipe_dict)
+    timings["write_s"] = time.perf_counter() - t
+    if state_dir.exists():
+        import shutil
+
+        shutil.rmtree(state_dir, ignore_errors=True)
+    return {"output_dir": str(written), "metrics": metrics, "timings": timings, "stages": stage_records,
+            "provenance": provenance}

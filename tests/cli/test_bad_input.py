@@ -1,0 +1,132 @@
+"""Bad input: one line naming the problem, the documented exit code, input untouched, no output left."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.conftest import run_cli, tree_digest
+
+
+def _assert_clean_failure(proc, code, needle, out=None):
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    err_lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(err_lines) == 1, proc.stderr  # one line, no traceback
+    assert err_lines[0].startswith("effllm: error: ") and needle in err_lines[0], err_lines[0]
+    assert proc.stdout == ""
+    if out is not None:
+        assert not out.exists()
+        assert not list(out.parent.glob(f".{out.name}*")), list(out.parent.iterdir())
+
+
+def test_missing_model_path(tmp_path):
+    out = tmp_path / "o"
+    proc = run_cli("quantize", str(tmp_path / "nope"), "-o", str(out))
+    _assert_clean_failure(proc, 2, "no such file or directory", out)
+
+
+def test_truncated_safetensors(tiny_llama, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama, broken)
+    f = broken / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    before = tree_digest(broken)
+    out = tmp_path / "o"
+    proc = run_cli("quantize", str(broken), "-o", str(out))
+    _assert_clean_failure(proc, 2, "safetensors", out)
+    assert tree_digest(broken) == before
+
+
+def test_corrupt_gguf(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    before = bad.read_bytes()
+    out = tmp_path / "o"
+    proc = run_cli("quantize", str(bad), "-o", str(out))
+    _assert_clean_failure(proc, 2, "GGUF", out)
+    assert bad.read_bytes() == before
+
+
+def test_non_decoder_model_is_unsupported(tmp_path):
+    from transformers import BertConfig
+
+    bert = tmp_path / "bert"
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(bert)
+    out = tmp_path / "o"
+    proc = run_cli("quantize", str(bert), "-o", str(out))
+    _assert_clean_failure(proc, 4, "bert", out)
+
+
+@pytest.mark.parametrize(("args", "code", "needle"), [
+    (("quantize", "--method", "nope"), 4, "unknown method 'nope'"),
+    (("quantize", "--method", "spqr"), 4, "not available"),
+    (("prune", "--method", "wanda++", "--sparsity", "2:4"), 4, "not available"),
+    (("extend-context", "--target-length", "32768"), 4, "not available"),
+    (("quantize-kv",), 4, "not available"),
+    (("sparsify-attn",), 4, "not available"),
+    (("quantize", "--bits", "11"), 2, "bits must be between 2 and 8"),
+])
+def test_methods_and_keys_are_checked_before_loading(tiny_llama, tmp_path, args, code, needle):
+    out = tmp_path / "o"
+    proc = run_cli(*args, str(tiny_llama), "-o", str(out))
+    _assert_clean_failure(proc, code, needle, out)
+
+
+def test_recipe_with_unknown_key_or_wrong_type(tiny_llama, tmp_path):
+    for body, needle in [("  - method: rtn\n    bitz: 4\n", "unknown key 'bitz'"),
+                         ("  - method: rtn\n    bits: four\n", "stages[0].bits: expected int")]:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(f"version: 1\nmodel: {tiny_llama}\nstages:\n{body}")
+        out = tmp_path / "o"
+        _assert_clean_failure(run_cli("run", str(recipe), "-o", str(out)), 2, needle, out)
+
+
+def test_existing_output_is_refused_without_overwrite(tiny_llama, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = run_cli("quantize", str(tiny_llama), "-o", str(out))
+    assert proc.returncode == 2 and "already exists" in proc.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    proc = run_cli("quantize", str(tiny_llama), "-o", str(out), "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_output_inside_input_is_refused(tiny_llama):
+    proc = run_cli("quantize", str(tiny_llama), "-o", str(tiny_llama / "sub"))
+    assert proc.returncode == 2 and "overlaps the input" in proc.stderr
+    assert not (tiny_llama / "sub").exists()
+
+
+def test_eval_text_too_short_and_seqlen_beyond_limit(tiny_llama, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    _assert_clean_failure(run_cli("eval-ppl", str(tiny_llama), "--dataset", str(short), "--seqlen", "64"), 2, "64")
+    long = tmp_path / "long.txt"
+    long.write_text("word " * 2000)
+    _assert_clean_failure(run_cli("eval-ppl", str(tiny_llama), "--dataset", str(long), "--seqlen", "4096"), 2,
+                          "exceeds the model's limit")
+
+
+def test_missing_dataset_file(tiny_llama, tmp_path):
+    proc = run_cli("eval-ppl", str(tiny_llama), "--dataset", str(tmp_path / "none.txt"))
+    assert proc.returncode == 2 and "none.txt" in proc.stderr
+
+
+def test_no_gpu_when_one_is_asked_for(tiny_llama, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "o"
+    _assert_clean_failure(run_cli("quantize", str(tiny_llama), "-o", str(out), "--device", "cuda"), 2, "no CUDA GPU", out)
+
+
+def test_json_errors_are_json(tmp_path):
+    proc = run_cli("quantize", str(tmp_path / "nope"), "-o", str(tmp_path / "o"), "--json")
+    assert proc.returncode == 2
+    obj = json.loads(proc.stdout)
+    assert obj["status"] == "error" and obj["exit_code"] == 2 and "no such file" in obj["error"]

@@ -1,0 +1,108 @@
+"""The CLI as a user runs it: subprocess round trips on a tiny random checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from tests.conftest import parse_json_stdout, run_cli, tree_digest
+
+
+def test_version_and_help():
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("effllm ")
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for verb in ("quantize", "quantize-kv", "prune", "extend-context", "sparsify-attn", "eval-ppl", "run", "inspect"):
+        assert verb in proc.stdout
+
+
+def test_quantize_prints_output_dir_and_writes_a_loadable_checkpoint(tiny_llama, tmp_path):
+    before = tree_digest(tiny_llama)
+    out = tmp_path / "q4"
+    proc = run_cli("quantize", "--method", "rtn", "--bits", "4", "--group-size", "32", str(tiny_llama), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(out.resolve())  # stdout is only the result, so $(...) chains
+    assert tree_digest(tiny_llama) == before
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "effllm_provenance.json",
+                 "effllm_recipe.yaml", "README.md", "generation_config.json"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "effllm" and len(qc["modules"]) == 2 * 7
+    prov = json.loads((out / "effllm_provenance.json").read_text())
+    assert prov["seed"] == 0 and prov["packages"]["torch"] and prov["stages"][0]["method"] == "rtn"
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_json_result_and_eval_ppl_chain(tiny_llama, tmp_path, sample_text):
+    out = tmp_path / "q8"
+    proc = run_cli("quantize", "--bits", "8", "--group-size", "64", str(tiny_llama), "-o", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    res = parse_json_stdout(proc)
+    assert res["schema"] == "effllm.result/1" and res["status"] == "ok" and res["output_dir"] == str(out.resolve())
+    assert 8.0 < res["metrics"]["avg_bits"] < 9.5
+    base = run_cli("eval-ppl", str(tiny_llama), "--dataset", str(sample_text), "--seqlen", "64", "--json")
+    quant = run_cli("eval-ppl", res["output_dir"], "--dataset", str(sample_text), "--seqlen", "64", "--json",
+                    "--kld-base", str(tiny_llama))
+    assert base.returncode == 0 and quant.returncode == 0, base.stderr + quant.stderr
+    b, q = parse_json_stdout(base), parse_json_stdout(quant)
+    assert b["settings"]["seqlen"] == 64 and b["settings"]["windows"] == b["settings"]["text_tokens"] // 64
+    # 8-bit g64 is nearly lossless on a random model: same perplexity to 1%, tiny KL.
+    assert abs(q["metrics"]["ppl"] / b["metrics"]["ppl"] - 1) < 0.01
+    assert 0 <= q["metrics"]["kld"] < 1e-3
+
+
+def test_max_ppl_gate_exits_5(tiny_llama, sample_text):
+    proc = run_cli("eval-ppl", str(tiny_llama), "--dataset", str(sample_text), "--seqlen", "64", "--max-ppl", "1.0")
+    assert proc.returncode == 5
+    assert proc.stdout.startswith("ppl ")
+    assert "exceeds --max-ppl" in proc.stderr
+
+
+def test_dry_run_writes_nothing(tiny_llama, tmp_path):
+    out = tmp_path / "never"
+    proc = run_cli("quantize", str(tiny_llama), "-o", str(out), "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    plan = parse_json_stdout(proc)["plan"]
+    assert plan["matched_linear_modules"] == 14 and plan["stages"][0]["method"] == "rtn"
+    assert not out.exists()
+
+
+def test_run_recipe_with_set_and_inspect(tiny_llama, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"version: 1\nmodel: {tiny_llama}\nstages:\n  - method: rtn\n    bits: 4\n")
+    out = tmp_path / "r"
+    proc = run_cli("run", str(recipe), "--set", "rtn.bits=3", "--set", "rtn.group_size=16", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    info = parse_json_stdout(run_cli("inspect", str(out), "--json"))
+    assert info["methods"] == ["rtn"] and info["quantization"]["bits"] == [3]
+    assert "rtn" in run_cli("inspect", str(out)).stdout
+
+
+def test_output_loads_in_transformers_and_matches_dequantized_weights(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import effllm_tools
+    from effllm_tools.methods.rtn.algorithm import dequantize_codes, quantize_rtn
+
+    out = tmp_path / "q3"
+    assert run_cli("quantize", "--bits", "3", "--group-size", "16", str(tiny_llama), "-o", str(out)).returncode == 0
+    model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    same = effllm_tools.load(out)
+    dense = AutoModelForCausalLM.from_pretrained(str(tiny_llama)).eval()
+    # The reference: replace every decoder linear by its RTN-dequantized weight in a dense model.
+    with torch.no_grad():
+        for name, mod in dense.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name.startswith("model.layers."):
+                codes, s, z = quantize_rtn(mod.weight, 3, 16)
+                mod.weight.copy_(dequantize_codes(codes, s, z, 16))
+        ids = torch.randint(0, 256, (2, 24))
+        ref = dense(ids).logits
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(same(ids).logits, ref, rtol=1e-4, atol=1e-4)
+    layer = model.model.layers[0].mlp.down_proj
+    assert type(layer).__name__ == "RTNLinear"
+    # Really packed: 3 bits per code, not one byte per code.
+    assert layer.qweight.numel() * 32 == -(-layer.in_features * 3 // 32) * 32 * layer.out_features
