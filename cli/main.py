@@ -148,9 +148,12 @@ def _simple_verb(verb: str, default_method: str, doc: str, extra: dict[str, tupl
             overwrite=overwrite, dry_run=dry_run, resume=resume)))
 
     import inspect
+    import typing
 
     sig = inspect.signature(command)
-    params = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    hints = typing.get_type_hints(command, include_extras=True)  # resolve the string annotations
+    params = [p.replace(annotation=hints[p.name]) for p in sig.parameters.values()
+              if p.kind != inspect.Parameter.VAR_KEYWORD]
     for name, (tp, help_text) in extra.items():
         opt = typer.Option("--" + name.replace("_", "-"), help=help_text)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,

@@ -14,7 +14,14 @@ from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 T = TypeVar("T")
 SCHEMA = "effllm.result/1"
@@ -41,6 +48,8 @@ class Ui:
         logging.basicConfig(level=level, handlers=[handler], format="%(message)s", force=True)
         for noisy in ("transformers", "accelerate", "huggingface_hub", "torch"):
             logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.INFO)
+        if not self.show_progress:  # transformers' own tqdm bars (weight loading) too
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         if not verbose:
             os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
             with contextlib.suppress(Exception):

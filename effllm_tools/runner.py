@@ -136,7 +136,7 @@ def run_recipe(recipe: Recipe, *, device: str = "auto", dtype: str | None = None
         raise BadInputError("no output directory: pass -o/--output or set output.path in the recipe")
     out = Path(recipe.output["path"])
     source = resolve_source(recipe.model)
-    check_output_path(out, overwrite=recipe.output["overwrite"], inputs=[source.path] if source.path else [])
+    check_output_path(out, overwrite=recipe.output["overwrite"], inputs=[source.input_path] if source.path else [])
     device = resolve_device(device)
     seed_everything(recipe.seed)
     timings: dict[str, float] = {}

@@ -13,9 +13,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``effllm ARGS`` as a user would, in a fresh interpreter."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600,
+            threads: int = 1) -> subprocess.CompletedProcess:
+    """Run ``effllm ARGS`` as a user would, in a fresh interpreter.
+
+    Tiny models run fastest on one thread, and OpenMP threads spinning on a loaded 2-core machine
+    slow small matmuls a hundredfold; the real-model tests pass ``threads=2``.
+    """
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), **(env or {})}
     return subprocess.run([sys.executable, "-m", "effllm_cli.main", *args], capture_output=True, text=True,
                           cwd=cwd or REPO, env=full_env, timeout=timeout)
 

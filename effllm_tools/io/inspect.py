@@ -3,33 +3,13 @@
 from __future__ import annotations
 
 import json
-import struct
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from effllm_tools.errors import BadInputError
+from effllm_tools.io.headers import read_safetensors_header
 from effllm_tools.io.save import PROVENANCE_FILE
-
-
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file, without reading tensors; errors name the file."""
-    try:
-        with path.open("rb") as fh:
-            raw = fh.read(8)
-            if len(raw) < 8:
-                raise BadInputError(f"{path}: truncated safetensors file (no header)")
-            (n,) = struct.unpack("<Q", raw)
-            size = path.stat().st_size
-            if n > size - 8:
-                raise BadInputError(f"{path}: corrupt safetensors header (length {n} beyond file size {size})")
-            header = json.loads(fh.read(n))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BadInputError(f"{path}: corrupt safetensors header ({err})") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise BadInputError(f"{path}: truncated safetensors file ({size} bytes, header needs {8 + n + end})")
-    return header
 
 
 def inspect_checkpoint(path: Path) -> dict[str, Any]:

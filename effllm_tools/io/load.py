@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from effllm_tools.errors import BadInputError, UnsupportedError
+from effllm_tools.io.headers import check_safetensors_files
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -30,6 +31,13 @@ class ModelSource:
     kind: str  # "directory" | "gguf" | "hub" | "demo"
     path: Path | None
     gguf_file: str | None = None
+
+    @property
+    def input_path(self) -> Path | None:
+        """The file or directory that must never be written to."""
+        if self.path is None:
+            return None
+        return self.path / self.gguf_file if self.gguf_file else self.path
 
     def describe(self) -> dict[str, Any]:
         return {"spec": self.spec, "kind": self.kind, "path": str(self.path) if self.path else None}
@@ -113,6 +121,8 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str | torch.dtype | Non
     source = resolve_source(spec)
     config = load_config(source)
     torch_dtype = parse_dtype(dtype)
+    if source.kind in ("directory", "demo"):
+        check_safetensors_files(source.path)  # a truncated file fails here with its name, not mid-load
     where = str(source.path) if source.path else source.spec
     kwargs: dict[str, Any] = {"dtype": torch_dtype or "auto"}
     if source.gguf_file:

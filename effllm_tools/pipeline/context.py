@@ -72,13 +72,14 @@ class LayerContext:
         """
         return first_output(self.layer(hidden, *self.layer_args, **self.layer_kwargs))
 
-    def _store(self, tensor: torch.Tensor) -> torch.Tensor:
+    def store(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` where activations live: the host when offloaded, else where it is."""
         return tensor.to("cpu") if self.offload_activations else tensor
 
     def forward(self) -> list[torch.Tensor]:
         """The layer's outputs ``[1, L, hidden]`` for all samples (no grad; stored like inputs)."""
         with torch.no_grad():
-            return [self._store(self.call(self.input(s))) for s in range(self.num_samples)]
+            return [self.store(self.call(self.input(s))) for s in range(self.num_samples)]
 
     def iter_outputs(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """``(sample, input, output)`` on the device, one sample at a time, without grad."""

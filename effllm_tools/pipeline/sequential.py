@@ -42,7 +42,7 @@ class LayerwiseResult:
 
     ``hidden_states[s]`` is the last decoder layer's output ``[1, L, hidden]`` for sample ``s``
     (before the final norm; on the device, or the host when offloaded). ``artifacts[i]`` holds what
-    the method left in ``ctx.artifacts`` for layer ``i`` (CPU tensors for resumed layers).
+    the method left in ``ctx.artifacts`` for layer ``i``, as CPU tensors (also for resumed layers).
     """
 
     num_layers: int
@@ -112,24 +112,49 @@ def _process_layer(
         on_layer(ctx)
         with torch.no_grad():  # the modified layer's outputs feed the next layer
             for s in range(ctx.num_samples):
-                captured.hidden_states[s] = ctx._store(ctx.call(ctx.input(s)))
+                captured.hidden_states[s] = ctx.store(ctx.call(ctx.input(s)))
     finally:
         layer.to(home)
         _free_device_cache(opts.device)
     return ctx
 
 
-def _resume(
-    state: LayerwiseState, model: nn.Module, arch: ArchSpec, num_samples: int, restore: RestoreLayer
-) -> ResumePoint | None:
-    """Load finished layers' weights into the model; the point to continue from, if any."""
-    point = state.load(num_samples)
-    if point is None:
-        return None
+def _open_state(
+    state_dir: str | os.PathLike[str] | None,
+    fingerprint: str | None,
+    resume: bool,
+    model: nn.Module,
+    arch: ArchSpec,
+    num_samples: int,
+    restore: RestoreLayer,
+) -> tuple[LayerwiseState | None, ResumePoint | None]:
+    """The run's resume state, and the point to continue from with finished layers' weights
+    loaded into the model (None: start at layer 0, with this pipeline's old files cleared)."""
+    if state_dir is None:
+        return None, None
+    if not fingerprint:
+        raise ValueError("run_layerwise: a state_dir needs a fingerprint (see make_fingerprint)")
     layers = decoder_layers(model, arch)
+    state = LayerwiseState(state_dir, fingerprint, len(layers))
+    point = state.load(num_samples) if resume else None
+    if point is None:
+        state.clear()
+        return state, None
     for index, tensors in enumerate(point.layer_tensors):
         restore(index, layers[index], tensors)
-    return point
+    return state, point
+
+
+def _first_inputs(
+    model: nn.Module, ids: torch.Tensor, arch: ArchSpec, opts: _Options, point: ResumePoint | None
+) -> CapturedInputs:
+    """The layer calls, and the hidden states feeding the first layer still to do."""
+    captured = capture_layer_inputs(
+        model, ids, arch=arch, device=opts.device, offload_activations=opts.offload, kwargs_only=bool(point)
+    )
+    if point is not None:
+        captured.hidden_states = [h if opts.offload else h.to(opts.device) for h in point.hidden_states]
+    return captured
 
 
 def run_layerwise(
@@ -168,33 +193,19 @@ def run_layerwise(
     ids = check_calib_ids(calib_ids)
     opts = _Options(torch.device(device), offload_activations)
     num_layers = len(decoder_layers(model, arch))
-    state = None
-    if state_dir is not None:
-        if not fingerprint:
-            raise ValueError("run_layerwise: a state_dir needs a fingerprint (see make_fingerprint)")
-        state = LayerwiseState(state_dir, fingerprint, num_layers)
-    point = (
-        _resume(state, model, arch, ids.shape[0], restore_layer or _default_restore)
-        if state and resume
-        else None
-    )
-    if state is not None and point is None:
-        state.clear()
+    restore = restore_layer or _default_restore
+    state, point = _open_state(state_dir, fingerprint, resume, model, arch, ids.shape[0], restore)
     start = point.finished_layers if point else 0
-    captured = capture_layer_inputs(
-        model, ids, arch=arch, device=opts.device, offload_activations=opts.offload, kwargs_only=start > 0
-    )
+    captured = _first_inputs(model, ids, arch, opts, point)
     artifacts: list[dict[str, torch.Tensor]] = [{} for _ in range(num_layers)]
-    if point is not None:
-        captured.hidden_states = [h if opts.offload else h.to(opts.device) for h in point.hidden_states]
-        artifacts[:start] = point.artifacts
+    artifacts[:start] = point.artifacts if point else []
     report = _progress_callback(progress, num_layers)
     report(start)
     for index in range(start, num_layers):
         ctx = _process_layer(index, model, arch, captured, on_layer, opts)
-        artifacts[index] = ctx.artifacts
+        artifacts[index] = {key: t.detach().to("cpu") for key, t in ctx.artifacts.items()}
         if state is not None:
             layer_state = decoder_layers(model, arch)[index].state_dict()
-            state.save(index, layer_state, ctx.artifacts, captured.hidden_states)
+            state.save(index, layer_state, artifacts[index], captured.hidden_states)
         report(index + 1)
     return LayerwiseResult(num_layers, start, captured.hidden_states, artifacts)

@@ -71,7 +71,7 @@ def rtn_linear(
     backend = choose_backend("rtn_linear", x, triton_unsupported_reason(x, bits, group_size))
     if backend == "reference":
         return rtn_linear_reference(x, packed, scales, zeros, bits, group_size, in_features, bias)
-    from effllm_kernels.rtn.triton_matmul import rtn_matmul_triton  # lazy: jit after TRITON_INTERPRET is set
+    from effllm_kernels.rtn.launch import rtn_matmul_triton  # lazy: jit after TRITON_INTERPRET is set
 
     if prepared is None:
         prepared = prepare_rtn_weight(packed, scales, zeros, bits, group_size, in_features)

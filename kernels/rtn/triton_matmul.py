@@ -1,61 +1,29 @@
 """Triton kernels for the ``rtn`` grouped dequantize-matmul: y = x @ W^T (+ bias).
 
-W[n, k] = (code[n, k] - zeros[n, k // g]) * scales[n, k // g], read from the chunked planar layout
-of :mod:`effllm_kernels.rtn.prepare`. Both kernels walk K one chunk of ``KC`` words per row at a
-time; the ``PW = 32 // bits`` bit fields of that word tile are ``PW`` slices of ``KC`` consecutive
-codes, each inside one group. A slice is dequantized with the float exponent trick: the field is
-shifted under the mantissa of 1.0, which gives ``f = 1 + q * 2**-bits`` exactly (no int-to-float
-conversion, which runs at a quarter of the FMA rate), and one FMA per weight,
-``W = f * (s * 2**bits) - s * (2**bits + z)``, finishes the dequantization in fp32.
+W[n, k] = (code[n, k] - zeros[n, k // g]) * scales[n, k // g], read from the prepared layout of
+:mod:`effllm_kernels.rtn.prepare`: each program walks K one chunk of ``KC`` words per row at a
+time; the 4 units of that word tile each decode (``triton_decode``) into ``USPAN`` consecutive
+codes inside one group.
 
-Two kernels:
+* ``_rtn_gemv_kernel`` (decode, small M): fp32 FMAs of the decoded ``F0 + q/256`` values with x
+  into a [BN, KC] accumulator; per group one multiply by ``cs`` and a correction ``zcs * sum(x)``.
+* ``_rtn_mma_kernel`` (tensor cores): the decoded [BN, USPAN] tile is the A operand of ``tl.dot``
+  against the [USPAN, BM] activation slice ("swap AB": weight rows fill the tensor core's 64-row
+  side, activation rows its narrow side). PAIR mode (4-bit): the tile is the raw ``0.5 + q/256``
+  in bf16/fp16 (exact; two codes per instruction) and the group coefficients are applied to the
+  per-group partial product, with the activation group sums from ``_group_sums_kernel``. Otherwise
+  the tile is dequantized in fp32 (``f * cs - zcs``, one FMA) and rounded to the activation dtype.
 
-* ``_rtn_gemv_kernel`` (decode, M <= 4): CUDA-core FMAs into a [BM, BN, KC] fp32 accumulator that
-  is reduced over K once at the end; memory-bound, so it only has to keep enough loads in flight.
-* ``_rtn_mma_kernel`` (M > 4): the dequantized [BN, KC] tile, in the activation dtype, is the A
-  operand of ``tl.dot`` against the [KC, BM] activation slice ("swap AB": the weight rows fill the
-  tensor core's 64-row side, the few activation rows its narrow side); fp32 accumulation.
-
-Both split K over a second grid axis when the output alone gives too few programs; partial sums
-then go to an fp32 workspace that ``_splitk_reduce_kernel`` sums (deterministic, no atomics).
+All accumulate in fp32. A split of K over a second grid axis writes fp32 partial sums that
+``_splitk_reduce_kernel`` adds (deterministic, no atomics); ``launch.py`` picks the configuration.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-from dataclasses import dataclass
-
-import torch
 import triton
 import triton.language as tl
 
-from effllm_kernels.dispatch import interpreter_enabled
-from effllm_kernels.rtn.prepare import RtnWeight
-
-
-@triton.jit
-def _group_coeffs(s_ptr, z_ptr, k0, N, n_groups, rn, n_mask, GROUP: tl.constexpr, BITS: tl.constexpr):
-    """(s * 2**BITS, s * (2**BITS + z)) in fp32 for rows ``rn`` in the group holding code ``k0``."""
-    g = k0 // GROUP
-    mask = n_mask & ((rn * 0 + g) < n_groups)  # chunks past K (padding) read no scales and weigh zero
-    s = tl.load(s_ptr + g * N + rn, mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + g * N + rn, mask=mask, other=0.0).to(tl.float32)
-    return s * (1 << BITS), s * ((1 << BITS) + z)
-
-
-@triton.jit
-def _dequant_slice(words, cs, zcs, J: tl.constexpr, BITS: tl.constexpr):
-    """Bit field ``J`` of ``words`` [BN, KC] int32 -> W [BN, KC] fp32, given the group coefficients."""
-    LOW: tl.constexpr = 23 - BITS  # lowest mantissa bit that the field lands on
-    SHIFT: tl.constexpr = LOW - J * BITS
-    if SHIFT >= 0:
-        v = words << SHIFT
-    else:
-        v = words >> (-SHIFT)
-    v = (v & (((1 << BITS) - 1) << LOW)) | 0x3F800000  # 1.0 with the code in the top mantissa bits
-    f = v.to(tl.float32, bitcast=True)  # 1 + q * 2**-BITS, exact
-    return f * cs[:, None] - zcs[:, None]
+from effllm_kernels.rtn.triton_decode import field_f32, group_coeffs, nibbles, unit_f32, unit_pair16
 
 
 @triton.jit
@@ -82,89 +50,131 @@ def _store_out(out, y_ptr, ws_ptr, b_ptr, y_offs, ws_offs, rn_b, mask, USE_WS: t
 
 @triton.jit
 def _rtn_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr,
-    M, N, K, stride_xm, n_groups, chunks_per_split, n_chunks,
-    BITS: tl.constexpr, GROUP: tl.constexpr, KC: tl.constexpr, SPG: tl.constexpr,
-    BN: tl.constexpr, EVEN_K: tl.constexpr, USE_WS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr, NUM_STAGES: tl.constexpr,
+    x_ptr, qw_ptr, c_ptr, b_ptr, y_ptr, ws_ptr,
+    M, N, K, stride_xm, n_groups, chunks_per_split, n_chunks, magic,
+    BITS: tl.constexpr, GROUP: tl.constexpr, KC: tl.constexpr, UPG: tl.constexpr, BN: tl.constexpr,
+    EVEN_K: tl.constexpr, USE_WS: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
+    NUM_STAGES: tl.constexpr, FAST: tl.constexpr,
 ):
     """One program: rows [BN] for activation row ``m`` over chunks [chunks_per_split] of K.
 
     The activation rows of one weight block are neighbouring programs (axis 0), so for M > 1 the
-    re-read weight tiles come from L2. Everything stays 2-D [BN, KC] in one register layout.
+    re-read weight tiles come from L2.
     """
-    PW: tl.constexpr = 32 // BITS
+    H: tl.constexpr = 32 // BITS // 4  # halves per unit: 2 for 4-bit (even / odd codes)
+    USPAN: tl.constexpr = KC * H
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     rn = pid_n * BN + tl.arange(0, BN)
-    ri = tl.arange(0, KC)
     n_mask = rn < N
-    w_ptrs = qw_ptr + rn[:, None] * (n_chunks * KC) + ri[None, :]
-    x_ptrs = x_ptr + m * stride_xm + ri
-    acc = tl.zeros([BN, KC], dtype=tl.float32)
+    w_ptrs = qw_ptr + rn[:, None] * (n_chunks * KC) + tl.arange(0, KC)[None, :]
+    acc = tl.zeros([BN, KC], dtype=tl.float32)  # sum over groups of cs * sum_k f * x
+    corr = tl.zeros([BN], dtype=tl.float32)  # sum over groups of zcs * sum_k x
     c_begin = pid_k * chunks_per_split
     c_end = tl.minimum(c_begin + chunks_per_split, n_chunks)
     for c in tl.range(c_begin, c_end, num_stages=NUM_STAGES):
         words = tl.load(w_ptrs + c * KC, mask=n_mask[:, None], other=0, eviction_policy="evict_first")
-        for gi in tl.static_range(PW // SPG):
-            k0 = c * (KC * PW) + gi * (SPG * KC)
-            cs, zcs = _group_coeffs(s_ptr, z_ptr, k0, N, n_groups, rn, n_mask, GROUP, BITS)
-            for jj in tl.static_range(SPG):
-                w = _dequant_slice(words, cs, zcs, gi * SPG + jj, BITS)  # [BN, KC]
-                if EVEN_K:
-                    xj = tl.load(x_ptrs + (k0 + jj * KC))
-                else:
-                    xj = tl.load(x_ptrs + (k0 + jj * KC), mask=k0 + jj * KC + ri < K, other=0.0)
-                acc += w * xj.to(tl.float32)[None, :]
-    out = tl.sum(acc, axis=1)  # [BN]
+        nib_even, nib_odd = nibbles(words, BITS, FAST)
+        for gu in tl.static_range(4 // UPG):
+            k0 = c * (4 * USPAN) + gu * (UPG * USPAN)
+            part = tl.zeros([BN, KC], dtype=tl.float32)
+            xs = tl.zeros([1, KC], dtype=tl.float32)
+            for uu in tl.static_range(UPG):
+                for h in tl.static_range(H):
+                    f = field_f32(words, nib_even, nib_odd, magic, gu * UPG + uu + 4 * h, BITS, FAST)
+                    # [1, KC] indices built here, so the load takes f's register layout
+                    kk = k0 + uu * USPAN + h + H * tl.arange(0, KC)[None, :]
+                    if EVEN_K:
+                        xj = tl.load(x_ptr + m * stride_xm + kk).to(tl.float32)
+                    else:
+                        xj = tl.load(x_ptr + m * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
+                    part += f * xj
+                    xs += xj
+            cs, zcs = group_coeffs(c_ptr, k0, N, n_groups, rn, n_mask, GROUP)
+            acc += part * cs[:, None]
+            corr += tl.sum(tl.sum(xs, axis=1), axis=0) * zcs
+    out = tl.sum(acc, axis=1) - corr  # [BN]
     _store_out(out, y_ptr, ws_ptr, b_ptr, m * N + rn, (pid_k * M + m) * N + rn, rn, n_mask,
                USE_WS, HAS_BIAS, INTERPRET)
 
 
 @triton.jit
+def _dot(a, b, acc, INTERPRET: tl.constexpr):
+    """acc + a @ b; the interpreter cannot do bf16 arithmetic, so it gets fp32 operands."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _rtn_mma_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr,
-    M, N, K, stride_xm, n_groups, chunks_per_split, n_chunks,
-    BITS: tl.constexpr, GROUP: tl.constexpr, KC: tl.constexpr, SPG: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, EVEN_K: tl.constexpr, USE_WS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr, NUM_STAGES: tl.constexpr,
+    x_ptr, qw_ptr, c_ptr, xs_ptr, b_ptr, y_ptr, ws_ptr,
+    M, N, K, stride_xm, n_groups, chunks_per_split, n_chunks, magic,
+    BITS: tl.constexpr, GROUP: tl.constexpr, KC: tl.constexpr, UPG: tl.constexpr, BN: tl.constexpr,
+    BM: tl.constexpr, PAIR: tl.constexpr, EVEN_K: tl.constexpr, USE_WS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr, NUM_STAGES: tl.constexpr, FAST: tl.constexpr,
 ):
     """One program: acc[BN, BM] = W[rows] @ x[acts]^T over chunks [chunks_per_split] of K."""
-    PW: tl.constexpr = 32 // BITS
+    H: tl.constexpr = 32 // BITS // 4
+    USPAN: tl.constexpr = KC * H
+    DT: tl.constexpr = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     rn = pid_n * BN + tl.arange(0, BN)
     rm = pid_m * BM + tl.arange(0, BM)
-    ri = tl.arange(0, KC)
+    rk = tl.arange(0, USPAN)
     n_mask = rn < N
     m_mask = rm < M
-    w_ptrs = qw_ptr + rn[:, None] * (n_chunks * KC) + ri[None, :]
-    x_ptrs = x_ptr + rm[None, :] * stride_xm + ri[:, None]  # [KC, BM], x transposed
+    w_ptrs = qw_ptr + rn[:, None] * (n_chunks * KC) + tl.arange(0, KC)[None, :]
+    x_ptrs = x_ptr + rm[None, :] * stride_xm + rk[:, None]  # [USPAN, BM], x transposed
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     c_begin = pid_k * chunks_per_split
     c_end = tl.minimum(c_begin + chunks_per_split, n_chunks)
     for c in tl.range(c_begin, c_end, num_stages=NUM_STAGES):
         words = tl.load(w_ptrs + c * KC, mask=n_mask[:, None], other=0, eviction_policy="evict_first")
-        for gi in tl.static_range(PW // SPG):
-            k0 = c * (KC * PW) + gi * (SPG * KC)
-            cs, zcs = _group_coeffs(s_ptr, z_ptr, k0, N, n_groups, rn, n_mask, GROUP, BITS)
-            for jj in tl.static_range(SPG):
-                w = _dequant_slice(words, cs, zcs, gi * SPG + jj, BITS)  # [BN, KC] fp32
-                kk = k0 + jj * KC + ri
+        nib_even, nib_odd = nibbles(words, BITS, FAST and not PAIR)
+        for gu in tl.static_range(4 // UPG):
+            k0 = c * (4 * USPAN) + gu * (UPG * USPAN)
+            cs, zcs = group_coeffs(c_ptr, k0, N, n_groups, rn, n_mask, GROUP)
+            part = tl.zeros([BN, BM], dtype=tl.float32)
+            for uu in tl.static_range(UPG):
+                kx = k0 + uu * USPAN
                 if EVEN_K:
-                    x_mask = m_mask[None, :]
+                    xt = tl.load(x_ptrs + kx, mask=m_mask[None, :], other=0.0)
                 else:
-                    x_mask = m_mask[None, :] & (kk < K)[:, None]
-                xt = tl.load(x_ptrs + (k0 + jj * KC), mask=x_mask, other=0.0)
-                if INTERPRET:  # the interpreter cannot do bf16 arithmetic: fp32 operands there
-                    acc = tl.dot(w, xt.to(tl.float32), acc)
+                    xt = tl.load(x_ptrs + kx, mask=m_mask[None, :] & (kx + rk < K)[:, None], other=0.0)
+                if PAIR:
+                    part = _dot(unit_pair16(words, magic, gu * UPG + uu, DT), xt, part, INTERPRET)
                 else:
-                    acc = tl.dot(w.to(x_ptr.dtype.element_ty), xt, acc)
+                    f = unit_f32(words, nib_even, nib_odd, magic, gu * UPG + uu, BITS, FAST)
+                    w = f * cs[:, None] - zcs[:, None]  # [BN, USPAN] dequantized, fp32
+                    if INTERPRET:  # no bf16 rounding of w there (the interpreter truncates)
+                        acc = _dot(w, xt, acc, INTERPRET)
+                    else:
+                        acc = tl.dot(w.to(DT), xt, acc)
+            if PAIR:
+                g = k0 // GROUP
+                xsum = tl.load(xs_ptr + rm * n_groups + g, mask=m_mask & (rm * 0 + g < n_groups), other=0.0)
+                acc += part * cs[:, None]  # two FMAs per element and group
+                acc -= zcs[:, None] * xsum[None, :]
     mask = n_mask[:, None] & m_mask[None, :]
     _store_out(acc, y_ptr, ws_ptr, b_ptr, rm[None, :] * N + rn[:, None],
                (pid_k * M + rm[None, :]) * N + rn[:, None], rn[:, None], mask, USE_WS, HAS_BIAS, INTERPRET)
+
+
+@triton.jit
+def _group_sums_kernel(x_ptr, xs_ptr, K, stride_xm, n_groups, GROUP: tl.constexpr, BG: tl.constexpr,
+                       GP2: tl.constexpr):
+    """xs[m, g] = sum of x[m, k] over group g, in fp32 (PAIR mode's zero-point correction)."""
+    m = tl.program_id(0)
+    rg = tl.program_id(1) * BG + tl.arange(0, BG)
+    rj = tl.arange(0, GP2)
+    kk = rg[:, None] * GROUP + rj[None, :]
+    mask = (rj[None, :] < GROUP) & (kk < K)
+    x = tl.load(x_ptr + m * stride_xm + kk, mask=mask, other=0.0).to(tl.float32)
+    tl.store(xs_ptr + m * n_groups + rg, tl.sum(x, axis=1), mask=rg < n_groups)
 
 
 @triton.jit
@@ -179,103 +189,3 @@ def _splitk_reduce_kernel(ws_ptr, b_ptr, y_ptr, MN, N, SPLIT: tl.constexpr, HAS_
     if HAS_BIAS:
         out += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, _to_out_dtype(out, y_ptr, INTERPRET), mask=mask)
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """Launch parameters: which kernel, its block sizes, the K split, warps and pipeline depth."""
-
-    path: str  # "gemv" or "mma"
-    block_m: int  # activation rows per program (1 for the GEMV)
-    block_n: int
-    split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-#: Largest M served by the GEMV kernel; above it the tensor-core kernel wins.
-GEMV_MAX_M = 4
-
-
-@functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: any small number keeps test grids small
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _split_for(programs: int, n_chunks: int, target: int, min_chunks: int) -> int:
-    """K split that brings ``programs`` near ``target``, each split keeping >= ``min_chunks``."""
-    if programs >= target:
-        return 1
-    return max(1, min(-(-target // programs), n_chunks // min_chunks))
-
-
-def pick_config(m: int, weight: RtnWeight, device: torch.device) -> KernelConfig:
-    """Heuristic launch configuration for an [m, K] input (see scripts/README.md for the tuning)."""
-    n, sms = weight.out_features, _sm_count(device)
-    if m <= GEMV_MAX_M:
-        block_n = 32 if n >= 32 * 4 * sms else 16
-        programs = -(-n // block_n) * m
-        split = _split_for(programs, weight.n_chunks, 4 * sms, 2)
-        return KernelConfig("gemv", 1, block_n, split, num_warps=1, num_stages=4)
-    block_m = min(128, max(16, triton.next_power_of_2(m)))
-    block_n, warps = (128, 8) if block_m >= 128 else (64, 4)
-    programs = -(-n // block_n) * -(-m // block_m)
-    split = _split_for(programs, weight.n_chunks, 2 * sms, 2)
-    return KernelConfig("mma", block_m, block_n, split, num_warps=warps, num_stages=3 if block_m < 128 else 2)
-
-
-def _slices_per_group(weight: RtnWeight) -> int:
-    """SPG: consecutive slices of a chunk that always share a group (scales are loaded once per SPG).
-
-    Blocks of SPG slices start at multiples of SPG * KC codes, so they stay inside one group exactly
-    when SPG * KC divides group_size; chunks start at multiples of PW * KC, so SPG must divide PW.
-    """
-    return math.gcd(weight.group_size // weight.chunk_words, weight.codes_per_word)
-
-
-def rtn_matmul_triton(
-    x: torch.Tensor, weight: RtnWeight, bias: torch.Tensor | None = None, config: KernelConfig | None = None
-) -> torch.Tensor:
-    """``x @ W^T (+ bias)`` for x [..., K] (bf16 or fp16) -> [..., N] in x's dtype, fp32 accumulation.
-
-    ``config`` overrides the heuristic (benchmarks and tests use it to reach every path).
-    """
-    k, n = weight.in_features, weight.out_features
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return y.reshape(*x.shape[:-1], n)
-    cfg = config or pick_config(m, weight, x.device)
-    chunks_per_split = -(-weight.n_chunks // cfg.split_k)
-    split = -(-weight.n_chunks // chunks_per_split)  # drop empty splits
-    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
-    meta = dict(
-        BITS=weight.bits, GROUP=weight.group_size, KC=weight.chunk_words, SPG=_slices_per_group(weight),
-        BN=cfg.block_n, EVEN_K=k % weight.chunk_codes == 0, USE_WS=split > 1,
-        HAS_BIAS=bias is not None, INTERPRET=interpreter_enabled(), NUM_STAGES=cfg.num_stages,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    if cfg.path == "mma":
-        kernel, grid = _rtn_mma_kernel, (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
-        meta["BM"] = cfg.block_m
-    else:
-        kernel, grid = _rtn_gemv_kernel, (m, triton.cdiv(n, cfg.block_n), split)
-    b = bias.contiguous() if bias is not None else y  # never read without HAS_BIAS
-    kernel[grid](
-        x2, weight.qweight, weight.scales, weight.zeros, b, y, ws,
-        m, n, k, x2.stride(0), weight.n_groups, chunks_per_split, weight.n_chunks, **meta,
-    )
-    if split > 1:
-        block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-            ws, b, y, m * n, n, SPLIT=split, HAS_BIAS=bias is not None, BLOCK=block,
-            INTERPRET=meta["INTERPRET"], num_warps=4,
-        )
-    return y.reshape(*x.shape[:-1], n)

@@ -112,7 +112,7 @@ def test_eval_text_too_short_and_seqlen_beyond_limit(tiny_llama, tmp_path):
 
 
 def test_missing_dataset_file(tiny_llama, tmp_path):
-    proc = run_cli("eval-ppl", str(tiny_llama), "--dataset", str(tmp_path / "none.txt"))
+    proc = run_cli("eval-ppl", str(tiny_llama), "--dataset", str(tmp_path / "none.txt"), "--seqlen", "64")
     assert proc.returncode == 2 and "none.txt" in proc.stderr
 
 

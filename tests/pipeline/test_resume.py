@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from effllm_tools.errors import BadInputError
-from effllm_tools.pipeline import LayerContext, decoder_layers, get_arch, make_fingerprint, run_layerwise
+from effllm_tools.pipeline import LayerContext, make_fingerprint, run_layerwise
 
 
 class Interrupted(Exception):
@@ -158,6 +158,10 @@ def test_corrupt_state_is_bad_input(build, calib_ids, tmp_path) -> None:
             fingerprint="f",
         )
     (tmp_path / "layer_00001.safetensors").write_bytes(b"garbage")
+    before = weights(model)
     with pytest.raises(BadInputError, match="incomplete or corrupt"):
         run_layerwise(model, calib_ids, lambda ctx: None, state_dir=tmp_path, resume=True, fingerprint="f")
-    assert decoder_layers(model, get_arch(model))[0] is not None
+    assert all(torch.equal(v, before[k]) for k, v in weights(model).items())  # nothing half-loaded
+    (tmp_path / "state.json").write_text("{not json")
+    with pytest.raises(BadInputError, match="unreadable resume state"):
+        run_layerwise(model, calib_ids, lambda ctx: None, state_dir=tmp_path, resume=True, fingerprint="f")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from effllm_kernels.packing import pack_codes, packed_words
-from effllm_kernels.rtn import rtn_linear
+from effllm_kernels.rtn import RtnWeight, prepare_rtn_weight, rtn_linear, triton_unsupported_reason
 from effllm_kernels.rtn.reference import dequantize
 from effllm_tools.methods.rtn.algorithm import group_count, quantize_rtn
 from effllm_tools.registry import register_format
@@ -87,8 +87,20 @@ class RTNLinear(nn.Module):
         """The dense [out, in] fp32 weight this layer computes with."""
         return dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features)
 
+    def _kernel_weight(self, x: torch.Tensor) -> RtnWeight | None:
+        """The weight in the Triton kernels' layout, converted once per device (CUDA only)."""
+        if not x.is_cuda or triton_unsupported_reason(x, self.bits, self.group_size) is not None:
+            return None
+        cached = getattr(self, "_prepared", None)
+        if cached is None or cached.qweight.device != self.qweight.device:
+            cached = prepare_rtn_weight(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                                        self.in_features)
+            self._prepared = cached
+        return cached
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rtn_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features, self.bias)
+        return rtn_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features,
+                          self.bias, prepared=self._kernel_weight(x))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"

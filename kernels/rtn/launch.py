@@ -1,0 +1,159 @@
+"""Launch the ``rtn`` Triton kernels: configuration heuristics and the host-side entry point."""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from effllm_kernels.dispatch import interpreter_enabled
+from effllm_kernels.rtn.prepare import RtnWeight
+from effllm_kernels.rtn.triton_matmul import (
+    _group_sums_kernel,
+    _rtn_gemv_kernel,
+    _rtn_mma_kernel,
+    _splitk_reduce_kernel,
+)
+
+#: Exponent bits the decoders put above the codes, passed as a kernel argument (not a constant) so
+#: that ptxas keeps them in a register: fp32 for ``_prmt_byte``, 16-bit pairs for ``unit_pair16``.
+_MAGIC_F32 = {4: 0x3F000000, 8: 0x3F800000}
+_MAGIC_PAIR = {torch.bfloat16: 0x3F003F00, torch.float16: 0x38003800}
+#: Largest M served by the GEMV kernel; above it the tensor-core kernel.
+GEMV_MAX_M = 1
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters: which kernel, its block sizes, the K split, warps and pipeline depth.
+
+    ``pair`` (mma, 4-bit only): feed the raw decoded codes to the tensor cores and apply the group
+    coefficients per group (cheap for few activation rows), instead of dequantizing each weight.
+    """
+
+    path: str  # "gemv" or "mma"
+    block_m: int  # activation rows per program (1 for the GEMV)
+    block_n: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    pair: bool = False
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: any small number keeps test grids small
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split_for(programs: int, n_chunks: int, target: int, min_chunks: int) -> int:
+    """K split that brings ``programs`` near ``target``, each split keeping >= ``min_chunks``."""
+    if programs >= target:
+        return 1
+    return max(1, min(-(-target // programs), n_chunks // min_chunks))
+
+
+def pick_config(m: int, weight: RtnWeight, device: torch.device) -> KernelConfig:
+    """Heuristic launch configuration for an [m, K] input (scripts/README.md says how it was tuned)."""
+    n, sms = weight.out_features, _sm_count(device)
+    if m <= GEMV_MAX_M:
+        block_n = 32 if n >= 32 * 4 * sms else 16
+        programs = -(-n // block_n) * m
+        split = _split_for(programs, weight.n_chunks, 8 * sms, 2)
+        return KernelConfig("gemv", 1, block_n, split, num_warps=1, num_stages=4)
+    block_m = min(128, max(16, triton.next_power_of_2(m)))
+    block_n, warps = (128, 8) if block_m >= 128 else (64, 4)
+    programs = -(-n // block_n) * -(-m // block_m)
+    split = _split_for(programs, weight.n_chunks, 2 * sms, 2)
+    pair = weight.bits == 4 and 2 * block_m <= weight.group_size
+    return KernelConfig("mma", block_m, block_n, split, warps, 3 if block_m < 128 else 2, pair)
+
+
+def _units_per_group(weight: RtnWeight) -> int:
+    """UPG: consecutive units of a chunk that always share a group (coefficients loaded once per UPG).
+
+    Blocks of UPG units start at multiples of UPG * USPAN codes, so they stay inside one group
+    exactly when UPG * USPAN divides group_size; a chunk holds 4 units, so UPG must divide 4.
+    """
+    return math.gcd(weight.group_size // weight.unit_span, 4)
+
+
+def _group_sums(x2: torch.Tensor, weight: RtnWeight) -> torch.Tensor:
+    """[M, n_groups] fp32 sums of x over each quantization group."""
+    m, g = x2.shape[0], weight.group_size
+    xs = torch.empty(m, weight.n_groups, dtype=torch.float32, device=x2.device)
+    gp2 = triton.next_power_of_2(g)
+    bg = max(1, 2048 // gp2)
+    _group_sums_kernel[(m, triton.cdiv(weight.n_groups, bg))](
+        x2, xs, weight.in_features, x2.stride(0), weight.n_groups, GROUP=g, BG=bg, GP2=gp2, num_warps=4
+    )
+    return xs
+
+
+def _output(out: torch.Tensor | None, m: int, n: int, x: torch.Tensor) -> torch.Tensor:
+    """The [m, n] result buffer: ``out`` viewed as such (checked), or a new one."""
+    if out is None:
+        return torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if out.dtype != x.dtype or out.device != x.device or out.numel() != m * n or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {x.dtype} tensor of {m}x{n} elements on {x.device}")
+    return out.view(m, n)
+
+
+def rtn_matmul_triton(
+    x: torch.Tensor,
+    weight: RtnWeight,
+    bias: torch.Tensor | None = None,
+    config: KernelConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for x [..., K] (bf16 or fp16) -> [..., N] in x's dtype, fp32 accumulation.
+
+    ``config`` overrides the heuristic (benchmarks and tests use it to reach every path); ``out``
+    (contiguous, x's dtype, [..., N] elements) receives the result instead of a new tensor.
+    """
+    k, n = weight.in_features, weight.out_features
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
+    if x.dtype not in _MAGIC_PAIR:
+        raise ValueError(f"x must be float16 or bfloat16, got {x.dtype}")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = _output(out, m, n, x)
+    if m == 0 or n == 0:
+        return y.reshape(*x.shape[:-1], n)
+    cfg = config or pick_config(m, weight, x.device)
+    chunks_per_split = -(-weight.n_chunks // cfg.split_k)
+    split = -(-weight.n_chunks // chunks_per_split)  # drop empty splits
+    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    interpret = interpreter_enabled()
+    meta = dict(
+        BITS=weight.bits, GROUP=weight.group_size, KC=weight.chunk_words, UPG=_units_per_group(weight),
+        BN=cfg.block_n, EVEN_K=k % weight.chunk_codes == 0, USE_WS=split > 1, HAS_BIAS=bias is not None,
+        INTERPRET=interpret, NUM_STAGES=cfg.num_stages, FAST=not interpret,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    b = bias.contiguous() if bias is not None else y  # never read without HAS_BIAS
+    pair = cfg.path == "mma" and cfg.pair and weight.bits == 4
+    magic = _MAGIC_PAIR[x.dtype] if pair else _MAGIC_F32[weight.bits]
+    tail = (m, n, k, x2.stride(0), weight.n_groups, chunks_per_split, weight.n_chunks, magic)
+    if cfg.path == "mma":
+        xs = _group_sums(x2, weight) if pair else ws
+        grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
+        _rtn_mma_kernel[grid](x2, weight.qweight, weight.coefs, xs, b, y, ws, *tail,
+                              BM=cfg.block_m, PAIR=pair, **meta)
+    else:
+        grid = (m, triton.cdiv(n, cfg.block_n), split)
+        _rtn_gemv_kernel[grid](x2, weight.qweight, weight.coefs, b, y, ws, *tail, **meta)
+    if split > 1:
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+            ws, b, y, m * n, n, SPLIT=split, HAS_BIAS=bias is not None, BLOCK=block, INTERPRET=interpret,
+            num_warps=4,
+        )
+    return y.reshape(*x.shape[:-1], n)
