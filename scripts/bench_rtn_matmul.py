@@ -112,7 +112,7 @@ class Reference:
     @classmethod
     def of(cls, fmt: tuple, dtype: torch.dtype) -> Reference:
         packed, scales, zeros, bits, g, k = fmt
-        w64 = dequantize(packed, scales.double(), zeros.double(), bits, g, k)
+        w64 = dequantize(packed, scales, zeros, bits, g, k).double()  # fp32 math, exact here
         return cls(w64, dequantize(packed, scales, zeros, bits, g, k).to(dtype))
 
 
