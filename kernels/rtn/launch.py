@@ -50,27 +50,41 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _split_for(programs: int, n_chunks: int, target: int, min_chunks: int) -> int:
-    """K split that brings ``programs`` near ``target``, each split keeping >= ``min_chunks``."""
-    if programs >= target:
+def _split_for(programs: int, n_chunks: int, below: int, target: int, cap: int) -> int:
+    """K split: 1 when ``programs`` >= ``below``, else enough to bring them near ``target``.
+
+    At most ``cap``, and at most one split per 2 chunks (each must amortise its pipeline fill).
+    """
+    if programs >= below:
         return 1
-    return max(1, min(-(-target // programs), n_chunks // min_chunks))
+    return max(1, min(-(-target // programs), cap, n_chunks // 2))
 
 
 def pick_config(m: int, weight: RtnWeight, device: torch.device) -> KernelConfig:
-    """Heuristic launch configuration for an [m, K] input (scripts/README.md says how it was tuned)."""
+    """Heuristic launch configuration for an [m, K] input.
+
+    Chosen from the ``--sweep`` of scripts/bench_rtn_matmul.py on an H200 (BENCHMARKS.md): for
+    M = 1 the GEMV, 16 rows per one-warp program, split over K only when the rows give fewer than
+    4 programs per SM; above, the fp32-dequantizing tensor-core kernel (PAIR mode measured no
+    faster there, so only explicit configs use it): 64 rows on 4 warps up to M = 64, else
+    128 x 128 tiles on 8 warps.
+    """
     n, sms = weight.out_features, _sm_count(device)
     if m <= GEMV_MAX_M:
-        block_n = 32 if n >= 32 * 4 * sms else 16
-        programs = -(-n // block_n) * m
-        split = _split_for(programs, weight.n_chunks, 8 * sms, 2)
-        return KernelConfig("gemv", 1, block_n, split, num_warps=1, num_stages=4)
-    block_m = min(128, max(16, triton.next_power_of_2(m)))
-    block_n, warps = (128, 8) if block_m >= 128 else (64, 4)
-    programs = -(-n // block_n) * -(-m // block_m)
-    split = _split_for(programs, weight.n_chunks, 2 * sms, 2)
-    pair = weight.bits == 4 and 2 * block_m <= weight.group_size
-    return KernelConfig("mma", block_m, block_n, split, warps, 3 if block_m < 128 else 2, pair)
+        programs = -(-n // 16) * m
+        split = _split_for(programs, weight.n_chunks, 4 * sms, 8 * sms, 8)
+        return KernelConfig("gemv", 1, 16, split, num_warps=1, num_stages=4)
+    if m <= 64:
+        block_m = max(16, triton.next_power_of_2(m))
+        programs = -(-n // 64) * -(-m // block_m)
+        split = _split_for(programs, weight.n_chunks, 4 * sms, 4 * sms, 4)
+        return KernelConfig("mma", block_m, 64, split, num_warps=4, num_stages=3)
+    programs = -(-n // 128) * -(-m // 128)
+    if programs >= sms // 2:  # most SMs busy: only a long K loop (>= 32 chunks) pays for a split
+        split = 2 if programs < sms and weight.n_chunks >= 32 else 1
+    else:
+        split = _split_for(programs, weight.n_chunks, sms // 2, 2 * sms, 16)
+    return KernelConfig("mma", 128, 128, split, num_warps=8, num_stages=2)
 
 
 def _units_per_group(weight: RtnWeight) -> int:

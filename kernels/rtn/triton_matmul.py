@@ -81,15 +81,21 @@ def _rtn_gemv_kernel(
             part = tl.zeros([BN, KC], dtype=tl.float32)
             xs = tl.zeros([1, KC], dtype=tl.float32)
             for uu in tl.static_range(UPG):
-                for h in tl.static_range(H):
-                    f = field_f32(words, nib_even, nib_odd, magic, gu * UPG + uu + 4 * h, BITS, FAST)
-                    # [1, KC] indices built here, so the load takes f's register layout
-                    kk = k0 + uu * USPAN + h + H * tl.arange(0, KC)[None, :]
-                    if EVEN_K:
-                        xj = tl.load(x_ptr + m * stride_xm + kk).to(tl.float32)
-                    else:
-                        xj = tl.load(x_ptr + m * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
-                    part += f * xj
+                # The unit's USPAN activations as [1, KC, H] (code i*H + h): each thread loads the
+                # 4*H consecutive values of its own 4 words in one vector, in the words' layout.
+                kk = k0 + uu * USPAN + H * tl.arange(0, KC)[None, :, None] + tl.arange(0, H)[None, None, :]
+                if EVEN_K:
+                    xu = tl.load(x_ptr + m * stride_xm + kk).to(tl.float32)
+                else:
+                    xu = tl.load(x_ptr + m * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
+                if H == 2:
+                    x_even, x_odd = tl.split(xu)  # [1, KC] each: the codes of nibbles u and u + 4
+                    part += field_f32(words, nib_even, nib_odd, magic, gu * UPG + uu, BITS, FAST) * x_even
+                    part += field_f32(words, nib_even, nib_odd, magic, gu * UPG + uu + 4, BITS, FAST) * x_odd
+                    xs += x_even + x_odd
+                else:
+                    xj = tl.reshape(xu, (1, KC))
+                    part += field_f32(words, nib_even, nib_odd, magic, gu * UPG + uu, BITS, FAST) * xj
                     xs += xj
             cs, zcs = group_coeffs(c_ptr, k0, N, n_groups, rn, n_mask, GROUP)
             acc += part * cs[:, None]
