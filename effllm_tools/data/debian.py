@@ -21,17 +21,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from effllm_tools.cache import cache_root
 from effllm_tools.errors import BadInputError
 
 PACKAGE_RECORD = ".effllm-package.json"
 _COMMAND_TIMEOUT_S = 900
 _MISSING_LISTS_HINTS = ("Unable to locate package", "has no installation candidate", "404", "Failed to fetch")
-
-
-def cache_root() -> Path:
-    """effllm's cache folder: ``$EFFLLM_CACHE``, else ``~/.cache/effllm``."""
-    configured = os.environ.get("EFFLLM_CACHE")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "effllm"
 
 
 def package_record(root: Path) -> dict[str, Any]:

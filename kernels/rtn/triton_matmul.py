@@ -11,11 +11,13 @@ codes inside one group.
   against the [USPAN, BM] activation slice ("swap AB": weight rows fill the tensor core's 64-row
   side, activation rows its narrow side). PAIR mode (4-bit): the tile is the raw ``0.5 + q/256``
   in bf16/fp16 (exact; two codes per instruction) and the group coefficients are applied to the
-  per-group partial product, with the activation group sums from ``_group_sums_kernel``. Otherwise
+  per-group partial product, with the activation group sums taken from the loaded x tiles. Otherwise
   the tile is dequantized in fp32 (``f * cs - zcs``, one FMA) and rounded to the activation dtype.
 
-All accumulate in fp32. A split of K over a second grid axis writes fp32 partial sums that
-``_splitk_reduce_kernel`` adds (deterministic, no atomics); ``launch.py`` picks the configuration.
+All accumulate in fp32. A split of K over a grid axis stays ONE launch: each program writes its
+fp32 partial tile to a workspace and bumps a per-tile arrival counter; the last program to arrive
+adds the SPLIT partials in split order (deterministic), writes y and resets the counter to zero for
+the next call (``_finish``). ``launch.py`` picks the configuration and holds the scratch buffers.
 """
 
 from __future__ import annotations
@@ -37,21 +39,39 @@ def _to_out_dtype(out, y_ptr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _store_out(out, y_ptr, ws_ptr, b_ptr, y_offs, ws_offs, rn_b, mask, USE_WS: tl.constexpr,
-               HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
-    """Write a finished tile (+ bias, in y's dtype) or a split-K partial (fp32 workspace)."""
+def _store_y(out, y_ptr, b_ptr, y_offs, rn_b, mask, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
+    """Write a finished fp32 tile (+ bias) to y in y's dtype."""
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn_b, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + y_offs, _to_out_dtype(out, y_ptr, INTERPRET), mask=mask)
+
+
+@triton.jit
+def _finish(out, y_ptr, ws_ptr, cnt_ptr, b_ptr, y_offs, ws_offs, ws_stride, pid_k, split, tile, rn_b, mask,
+            USE_WS: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
+    """Store a finished tile, or (split K) a partial; the last of a tile's ``split`` programs reduces.
+
+    ``ws_offs`` addresses split 0's partial; split ``s`` lives ``s * ws_stride`` further. The arrival
+    counter ``cnt_ptr[tile]`` is zero between calls: the reducing program puts it back to zero.
+    """
     if USE_WS:
-        tl.store(ws_ptr + ws_offs, out, mask=mask)
+        tl.store(ws_ptr + ws_offs + pid_k * ws_stride, out, mask=mask)
+        tl.debug_barrier()  # every thread's partial is issued before the (release) arrival
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == split - 1:
+            total = tl.zeros_like(out)
+            for s in range(0, split):  # fixed order: the result does not depend on arrival order
+                total += tl.load(ws_ptr + ws_offs + s * ws_stride, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+            _store_y(total, y_ptr, b_ptr, y_offs, rn_b, mask, HAS_BIAS, INTERPRET)
     else:
-        if HAS_BIAS:
-            out += tl.load(b_ptr + rn_b, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + y_offs, _to_out_dtype(out, y_ptr, INTERPRET), mask=mask)
+        _store_y(out, y_ptr, b_ptr, y_offs, rn_b, mask, HAS_BIAS, INTERPRET)
 
 
 @triton.jit
 def _rtn_gemv_kernel(
-    x_ptr, qw_ptr, c_ptr, b_ptr, y_ptr, ws_ptr,
-    M, N, K, stride_xm, n_groups, chunks_per_split, n_chunks, magic,
+    x_ptr, qw_ptr, c_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, n_groups, chunks_per_split, n_chunks, magic, split,
     BITS: tl.constexpr, GROUP: tl.constexpr, KC: tl.constexpr, UPG: tl.constexpr, BN: tl.constexpr,
     EVEN_K: tl.constexpr, USE_WS: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
     NUM_STAGES: tl.constexpr, FAST: tl.constexpr,
@@ -101,8 +121,8 @@ def _rtn_gemv_kernel(
             acc += part * cs[:, None]
             corr += tl.sum(tl.sum(xs, axis=1), axis=0) * zcs
     out = tl.sum(acc, axis=1) - corr  # [BN]
-    _store_out(out, y_ptr, ws_ptr, b_ptr, m * N + rn, (pid_k * M + m) * N + rn, rn, n_mask,
-               USE_WS, HAS_BIAS, INTERPRET)
+    _finish(out, y_ptr, ws_ptr, cnt_ptr, b_ptr, m * N + rn, m * N + rn, M * N, pid_k, split,
+            m * tl.num_programs(1) + pid_n, rn, n_mask, USE_WS, HAS_BIAS, INTERPRET)
 
 
 @triton.jit
@@ -115,8 +135,8 @@ def _dot(a, b, acc, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _rtn_mma_kernel(
-    x_ptr, qw_ptr, c_ptr, xs_ptr, b_ptr, y_ptr, ws_ptr,
-    M, N, K, stride_xm, n_groups, chunks_per_split, n_chunks, magic,
+    x_ptr, qw_ptr, c_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, n_groups, chunks_per_split, n_chunks, magic, split,
     BITS: tl.constexpr, GROUP: tl.constexpr, KC: tl.constexpr, UPG: tl.constexpr, BN: tl.constexpr,
     BM: tl.constexpr, PAIR: tl.constexpr, EVEN_K: tl.constexpr, USE_WS: tl.constexpr,
     HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr, NUM_STAGES: tl.constexpr, FAST: tl.constexpr,
@@ -145,6 +165,7 @@ def _rtn_mma_kernel(
             k0 = c * (4 * USPAN) + gu * (UPG * USPAN)
             cs, zcs = group_coeffs(c_ptr, k0, N, n_groups, rn, n_mask, GROUP)
             part = tl.zeros([BN, BM], dtype=tl.float32)
+            xsum = tl.zeros([BM], dtype=tl.float32)
             for uu in tl.static_range(UPG):
                 kx = k0 + uu * USPAN
                 if EVEN_K:
@@ -153,6 +174,7 @@ def _rtn_mma_kernel(
                     xt = tl.load(x_ptrs + kx, mask=m_mask[None, :] & (kx + rk < K)[:, None], other=0.0)
                 if PAIR:
                     part = _dot(unit_pair16(words, magic, gu * UPG + uu, DT), xt, part, INTERPRET)
+                    xsum += tl.sum(xt.to(tl.float32), axis=0)  # the group's activation sums, in-program
                 else:
                     f = unit_f32(words, nib_even, nib_odd, magic, gu * UPG + uu, BITS, FAST)
                     w = f * cs[:, None] - zcs[:, None]  # [BN, USPAN] dequantized, fp32
@@ -161,37 +183,9 @@ def _rtn_mma_kernel(
                     else:
                         acc = tl.dot(w.to(DT), xt, acc)
             if PAIR:
-                g = k0 // GROUP
-                xsum = tl.load(xs_ptr + rm * n_groups + g, mask=m_mask & (rm * 0 + g < n_groups), other=0.0)
                 acc += part * cs[:, None]  # two FMAs per element and group
                 acc -= zcs[:, None] * xsum[None, :]
     mask = n_mask[:, None] & m_mask[None, :]
-    _store_out(acc, y_ptr, ws_ptr, b_ptr, rm[None, :] * N + rn[:, None],
-               (pid_k * M + rm[None, :]) * N + rn[:, None], rn[:, None], mask, USE_WS, HAS_BIAS, INTERPRET)
-
-
-@triton.jit
-def _group_sums_kernel(x_ptr, xs_ptr, K, stride_xm, n_groups, GROUP: tl.constexpr, BG: tl.constexpr,
-                       GP2: tl.constexpr):
-    """xs[m, g] = sum of x[m, k] over group g, in fp32 (PAIR mode's zero-point correction)."""
-    m = tl.program_id(0)
-    rg = tl.program_id(1) * BG + tl.arange(0, BG)
-    rj = tl.arange(0, GP2)
-    kk = rg[:, None] * GROUP + rj[None, :]
-    mask = (rj[None, :] < GROUP) & (kk < K)
-    x = tl.load(x_ptr + m * stride_xm + kk, mask=mask, other=0.0).to(tl.float32)
-    tl.store(xs_ptr + m * n_groups + rg, tl.sum(x, axis=1), mask=rg < n_groups)
-
-
-@triton.jit
-def _splitk_reduce_kernel(ws_ptr, b_ptr, y_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
-    """y[m, n] = sum over splits of ws[split, m, n] (+ bias[n]), cast to y's dtype."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    out = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in tl.static_range(SPLIT):
-        out += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        out += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs, _to_out_dtype(out, y_ptr, INTERPRET), mask=mask)
+    offs = rm[None, :] * N + rn[:, None]
+    _finish(acc, y_ptr, ws_ptr, cnt_ptr, b_ptr, offs, offs, M * N, pid_k, split,
+            pid_m * tl.num_programs(0) + pid_n, rn[:, None], mask, USE_WS, HAS_BIAS, INTERPRET)

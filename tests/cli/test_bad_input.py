@@ -130,3 +130,9 @@ def test_json_errors_are_json(tmp_path):
     assert proc.returncode == 2
     obj = json.loads(proc.stdout)
     assert obj["status"] == "error" and obj["exit_code"] == 2 and "no such file" in obj["error"]
+
+
+def test_hub_id_without_network(tmp_path):
+    out = tmp_path / "o"
+    proc = run_cli("quantize", "some-org/some-model", "-o", str(out), env={"HF_HUB_OFFLINE": "1"})
+    _assert_clean_failure(proc, 2, "some-org/some-model", out)

@@ -106,3 +106,11 @@ def test_output_loads_in_transformers_and_matches_dequantized_weights(tiny_llama
     assert type(layer).__name__ == "RTNLinear"
     # Really packed: 3 bits per code, not one byte per code.
     assert layer.qweight.numel() * 32 == -(-layer.in_features * 3 // 32) * 32 * layer.out_features
+
+
+def test_same_seed_same_bytes(tiny_llama, tmp_path):
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        assert run_cli("quantize", "--bits", "4", "--seed", "7", str(tiny_llama), "-o", str(out)).returncode == 0
+    a, b = ((o / "model.safetensors").read_bytes() for o in outs)
+    assert a == b
