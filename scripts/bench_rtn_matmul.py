@@ -5,8 +5,9 @@ Protocol (scripts/README.md; research/performance.md section 6): every case is f
 against an fp64 reference; then CUDA-graph replay over rotated copies of all inputs (weights,
 scales, activations) totalling >= ``--rotate-mb`` (default 480 MB, 8x the H200's 60 MB L2), median
 of 20 replays, done twice (median 1, median 2); ``triton.testing.do_bench`` (L2 flushed before
-each call, one input set) as the secondary number; bf16 ``F.linear`` timed the same way in the same
-run. Prints a markdown table (and writes it under ``$OUT`` when that is set).
+each call, one input set) as the secondary number; eager per-call latency (``--eager-calls``
+back-to-back calls, synchronize, wall time / calls: host launch cost included) as the third; bf16
+``F.linear`` timed the same way in the same run. Prints a markdown table (and writes it under ``$OUT`` when that is set).
 
     python scripts/bench_rtn_matmul.py                  # the default table
     python scripts/bench_rtn_matmul.py --sweep          # also time alternative kernel configs
@@ -19,6 +20,7 @@ import datetime
 import os
 import platform
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,12 +38,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class Timing:
-    """Graph-replay medians (us per call), the do_bench median, and bytes moved per call."""
+    """Graph-replay medians (us per call), the do_bench median, eager us per call, bytes moved per call."""
 
     median1: float
     median2: float
     do_bench: float
     bytes: int
+    eager: float = float("nan")
 
     @property
     def best(self) -> float:
@@ -88,6 +91,18 @@ def graph_medians(calls: list[Callable[[], object]], reps: int = 20, rounds: int
     return medians
 
 
+def eager_us(call: Callable[[], object], calls: int) -> float:
+    """Wall-clock us per call of ``calls`` back-to-back eager calls (one input set), synchronized."""
+    for _ in range(10):
+        call()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        call()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e6 / calls
+
+
 def copies_for(bytes_per_set: int, rotate_mb: int) -> int:
     """Input sets needed to exceed ``rotate_mb`` together (at most 64)."""
     return max(2, min(64, -(-rotate_mb * 2**20 // bytes_per_set)))
@@ -131,7 +146,7 @@ def check_case(ref: Reference, w: RtnWeight, m: int, dtype: torch.dtype, gen: to
 
 
 def time_kernel(weights: list[RtnWeight], xs: list[torch.Tensor], config: KernelConfig | None,
-                quick: bool = False) -> Timing:
+                quick: bool = False, eager_calls: int = 1000) -> Timing:
     calls = [lambda w=w, x=x: rtn_matmul_triton(x, w, None, config) for w, x in zip(weights, xs, strict=False)]
     w0, x0 = weights[0], xs[0]
     moved = w0.qweight.nbytes + w0.coefs.nbytes + x0.nbytes + x0.shape[0] * w0.out_features * x0.element_size()
@@ -139,29 +154,36 @@ def time_kernel(weights: list[RtnWeight], xs: list[torch.Tensor], config: Kernel
         return Timing(*graph_medians(calls, reps=10, rounds=1, work_ms=1.0) * 2, float("nan"), moved)
     m1, m2 = graph_medians(calls)
     db = triton.testing.do_bench(calls[0], return_mode="median") * 1000
-    return Timing(m1, m2, db, moved)
+    return Timing(m1, m2, db, moved, eager_us(calls[0], eager_calls))
 
 
-def time_dense(dense: list[torch.Tensor], xs: list[torch.Tensor]) -> Timing:
+def time_dense(dense: list[torch.Tensor], xs: list[torch.Tensor], eager_calls: int = 1000) -> Timing:
     calls = [lambda w=w, x=x: torch.nn.functional.linear(x, w) for w, x in zip(dense, xs, strict=False)]
     m1, m2 = graph_medians(calls)
     db = triton.testing.do_bench(calls[0], return_mode="median") * 1000
     x0, w0 = xs[0], dense[0]
-    return Timing(m1, m2, db, w0.nbytes + x0.nbytes + x0.shape[0] * w0.shape[0] * x0.element_size())
+    return Timing(m1, m2, db, w0.nbytes + x0.nbytes + x0.shape[0] * w0.shape[0] * x0.element_size(),
+                  eager_us(calls[0], eager_calls))
 
 
 def sweep_configs(m: int, w: RtnWeight) -> list[KernelConfig]:
     """Alternative configurations around the heuristic, for tuning (``--sweep``)."""
-    base = pick_config(m, w, torch.device("cuda"))
-    out = [base]
-    if m <= 4:
-        out += [KernelConfig("gemv", 1, bn, s, 1, 4) for bn in (16, 32) for s in (1, 2, 4)]
-    bms = [triton.next_power_of_2(max(16, min(m, 128)))] + ([64] if m > 64 else [])
-    for bm in bms:
-        for bn, nw in ((64, 4), (128, 4), (128, 8)):
-            for s in ((1, 2, 4) if bm <= 16 else (1, 2)):
-                for pair in ((False, True) if w.bits == 4 and bm <= 64 else (False,)):
-                    out.append(KernelConfig("mma", bm, bn, s, nw, 3 if bm <= 64 else 2, pair))
+    out = [pick_config(m, w, torch.device("cuda"))]
+    if m == 1:
+        out += [KernelConfig("gemv", 1, bn, s, nw, st) for bn, nw, st in
+                ((16, 4, 4), (32, 4, 4), (32, 8, 4), (64, 4, 3), (64, 8, 4), (16, 2, 6)) for s in (1, 2, 4)]
+        out.append(KernelConfig("gemv", 1, 16, 1, 1, 4))  # the previous heuristic's shape
+    elif m <= 64:
+        bm = triton.next_power_of_2(max(16, m))
+        for bn, nw, st in ((64, 4, 3), (128, 4, 3), (128, 8, 4)):
+            for s in (1, 2, 4):
+                for pair in ((False, True) if w.bits == 4 else (False,)):
+                    out.append(KernelConfig("mma", bm, bn, s, nw, st, pair))
+    else:
+        for bm, bn, nw, st in ((128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 3),
+                               (128, 256, 8, 3)):
+            for s in (1, 2):
+                out.append(KernelConfig("mma", bm, bn, s, nw, st))
     seen: list[KernelConfig] = []
     return [c for c in out if not (c in seen or seen.append(c))]
 
@@ -186,16 +208,17 @@ def bench_shape(n: int, k: int, bits: int, args: argparse.Namespace, gen: torch.
         e_kernel, e_torch = check_case(ref, w0, m, dtype, gen)
         ok = "ok" if e_kernel <= 2 * e_torch else "FAIL"
         xs = [torch.randn(m, k, device="cuda", generator=gen).to(dtype) for _ in range(max(len(weights), len(dense)))]
-        t = time_kernel(weights, xs, None)
-        d = time_dense(dense, xs)
+        t = time_kernel(weights, xs, None, eager_calls=args.eager_calls)
+        d = time_dense(dense, xs, eager_calls=args.eager_calls)
         tbs = t.bytes / t.best / 1e6
         rows.append(
             f"| {n}x{k} | {m} | {bits} | {t.median1:.1f} / {t.median2:.1f} | {tbs:.2f} ({100 * tbs / CEILING_TBS:.0f}%) "
             f"| {d.median1:.1f} / {d.median2:.1f} | **{d.best / t.best:.2f}x** | {t.do_bench:.1f} vs {d.do_bench:.1f} "
+            f"| {t.eager:.1f} vs {d.eager:.1f} "
             f"| {e_kernel:.1e} vs {e_torch:.1e} {ok} | {describe(cfg)} |"
         )
         print(rows[-1], flush=True)
-        if args.sweep:
+        if args.sweep and (not args.sweep_shapes or f"{n}x{k}" in args.sweep_shapes.split(",")):
             for c in sweep_configs(m, w0):
                 ek, et = check_case(ref, w0, m, dtype, gen, c)
                 ts = time_kernel(weights, xs, c, quick=True)
@@ -228,6 +251,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--rotate-mb", type=int, default=480)
     ap.add_argument("--sweep", action="store_true", help="also time alternative kernel configurations")
+    ap.add_argument("--sweep-shapes", default="", help="NxK list the sweep is limited to (default: all)")
+    ap.add_argument("--eager-calls", type=int, default=1000, help="calls of the eager per-call loop")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     args.m = [int(v) for v in args.m.split(",")]
@@ -241,8 +266,8 @@ def main() -> None:
             bench_shape(n, k, bits, args, gen, rows, sweep_rows)
     table = "\n".join([
         "| N x K | M | bits | rtn us (median 1 / 2) | rtn TB/s (% of 4.2) | bf16 us (median 1 / 2) | speedup "
-        "| do_bench us rtn vs bf16 | rel. error kernel vs torch-bf16 | config |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| do_bench us rtn vs bf16 | eager us/call rtn vs bf16 | rel. error kernel vs torch-bf16 | config |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ])
     text = header(args) + "\n\n" + table + "\n"

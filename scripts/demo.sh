@@ -17,12 +17,13 @@ done
 .venv/bin/python - "$OUT" <<'PYEOF'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
-rows = [("base (fp32, dequantized GGUF)", "base.json", None), ("rtn 4-bit g64", "rtn4-g64.json", "rtn4-g64"),
+from effllm_tools.io.demo import ensure_demo_checkpoint
+rows = [("base (fp32, dequantized GGUF)", "base.json", ensure_demo_checkpoint()), ("rtn 4-bit g64", "rtn4-g64.json", "rtn4-g64"),
         ("rtn 4-bit g32", "rtn4-g32.json", "rtn4-g32")]
 print(f"{'model':<32}{'PPL':>10}{'KL vs base':>12}{'size MB':>10}")
 for label, f, d in rows:
     r = json.loads((out / f).read_text())["metrics"]
-    size = sum(p.stat().st_size for p in (out / d).glob('*.safetensors')) / 1e6 if d else float('nan')
+    size = sum(p.stat().st_size for p in (out / d).glob('*.safetensors')) / 1e6
     kld = f"{r['kld']:.4f}" if 'kld' in r else "-"
     print(f"{label:<32}{r['ppl']:>10.3f}{kld:>12}{size:>10.1f}")
 print("(Pride and Prejudice, first 20,480 tokens, 512-token windows; int4 g32 is lossless on this model by construction:"

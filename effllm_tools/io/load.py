@@ -127,6 +127,10 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str | torch.dtype | Non
     kwargs: dict[str, Any] = {"dtype": torch_dtype or "auto"}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
+    else:
+        kwargs["use_safetensors"] = True  # never unpickle a pytorch_model.bin
+        if source.kind != "hub" and not list(source.path.glob("*.safetensors")):
+            raise BadInputError(f"{source.spec}: no *.safetensors weights (pickled .bin weights are not loaded)")
     try:
         ctx = gguf_errors(source.path / source.gguf_file) if source.gguf_file else contextlib.nullcontext()
         with ctx:

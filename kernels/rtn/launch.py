@@ -11,7 +11,7 @@ import triton
 
 from effllm_kernels.dispatch import interpreter_enabled
 from effllm_kernels.rtn.prepare import RtnWeight
-from effllm_kernels.rtn.triton_matmul import _rtn_gemv_kernel, _rtn_mma_kernel
+from effllm_kernels.rtn.triton_matmul import _rtn_gemv_kernel, _rtn_mma_kernel, _splitk_reduce_kernel
 
 #: Exponent bits the decoders put above the codes, passed as a kernel argument (not a constant) so
 #: that ptxas keeps them in a register: fp32 for ``_prmt_byte``, 16-bit pairs for ``unit_pair16``.
@@ -19,6 +19,10 @@ _MAGIC_F32 = {4: 0x3F000000, 8: 0x3F800000}
 _MAGIC_PAIR = {torch.bfloat16: 0x3F003F00, torch.float16: 0x38003800}
 #: Largest M served by the GEMV kernel; above it the tensor-core kernel.
 GEMV_MAX_M = 1
+#: Largest tile (rows x activation rows) whose split-K partials the last arriving program adds
+#: itself (one launch); above it a reduce kernel does (H200: in-program reduction of 128 x 128
+#: tiles made M = 128 up to 1.7x slower, the serial reduction being the launch's tail).
+LAST_REDUCES_MAX_TILE = 64 * 64
 
 
 @dataclass(frozen=True)
@@ -58,11 +62,11 @@ def _split_for(programs: int, n_chunks: int, below: int, target: int, cap: int) 
 def pick_config(m: int, weight: RtnWeight, device: torch.device) -> KernelConfig:
     """Heuristic launch configuration for an [m, K] input.
 
-    Chosen from the ``--sweep`` of scripts/bench_rtn_matmul.py on an H200 (BENCHMARKS.md): for
-    M = 1 the GEMV, 16 rows per one-warp program, split over K only when the rows give fewer than
-    4 programs per SM; above, the fp32-dequantizing tensor-core kernel (PAIR mode measured no
-    faster there, so only explicit configs use it): 64 rows on 4 warps up to M = 64, else
-    128 x 128 tiles on 8 warps.
+    Chosen from the ``--sweep`` of scripts/bench_rtn_matmul.py on an H200 (BENCHMARKS.md). M = 1:
+    the GEMV, 16 rows per one-warp program (4-warp programs of 16-64 rows measured 16-115% slower
+    on 14336x4096), split over K (still one launch, see ``triton_matmul``) only when the rows give
+    fewer than 4 programs per SM. Above: the fp32-dequantizing tensor-core kernel (PAIR mode
+    measured slower), 64 rows on 4 warps up to M = 64, else 128 x 128 tiles on 8 warps.
     """
     n, sms = weight.out_features, _sm_count(device)
     if m <= GEMV_MAX_M:
@@ -72,7 +76,7 @@ def pick_config(m: int, weight: RtnWeight, device: torch.device) -> KernelConfig
     if m <= 64:
         block_m = max(16, triton.next_power_of_2(m))
         programs = -(-n // 64) * -(-m // block_m)
-        split = _split_for(programs, weight.n_chunks, 4 * sms, 4 * sms, 4)
+        split = _split_for(programs, weight.n_chunks, 8 * sms, 8 * sms, 4)
         return KernelConfig("mma", block_m, 64, split, num_warps=4, num_stages=3)
     programs = -(-n // 128) * -(-m // 128)
     if programs >= sms // 2:  # most SMs busy: only a long K loop (>= 32 chunks) pays for a split
@@ -92,10 +96,12 @@ def _units_per_group(weight: RtnWeight) -> int:
 
 
 class _Scratch:
-    """Per (device, stream) fp32 split-K workspace and int32 arrival counters, kept between calls.
+    """Per-device fp32 split-K workspace and int32 arrival counters, kept between calls.
 
     The counters are zero between calls (the kernels reset them), so a call allocates and zeroes
-    nothing; they only grow. Keyed by stream because two calls in flight must not share them.
+    nothing; they only grow. Calls on one device share them, so split-K calls must not run
+    concurrently on two streams of one device (calls on one stream, graphs included, are fine).
+    Make the first split-K call of a process outside CUDA-graph capture (as usual warm-up does).
     """
 
     def __init__(self) -> None:
@@ -103,7 +109,7 @@ class _Scratch:
         self.cnt: dict[tuple, torch.Tensor] = {}
 
     def get(self, device: torch.device, ws_elems: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+        key = device
         ws, cnt = self.ws.get(key), self.cnt.get(key)
         if ws is None or ws.numel() < ws_elems:
             ws = self.ws[key] = torch.empty(max(ws_elems, 1 << 20), dtype=torch.float32, device=device)
@@ -170,11 +176,19 @@ def rtn_matmul_triton(
     pair = cfg.path == "mma" and cfg.pair and weight.bits == 4
     magic = _MAGIC_PAIR[x.dtype] if pair else _MAGIC_F32[weight.bits]
     tail = (m, n, k, x2.stride(0), weight.n_groups, chunks_per_split, weight.n_chunks, magic, split)
+    last_reduces = cfg.block_m * cfg.block_n <= LAST_REDUCES_MAX_TILE
     if cfg.path == "mma":
         grid = (n_blocks, split, m_blocks)
         _rtn_mma_kernel[grid](x2, weight.qweight, weight.coefs, b, y, ws, cnt, *tail,
-                              BM=cfg.block_m, PAIR=pair, **meta)
+                              BM=cfg.block_m, PAIR=pair, LAST_REDUCES=last_reduces, **meta)
     else:
         grid = (m, n_blocks, split)
-        _rtn_gemv_kernel[grid](x2, weight.qweight, weight.coefs, b, y, ws, cnt, *tail, **meta)
+        _rtn_gemv_kernel[grid](x2, weight.qweight, weight.coefs, b, y, ws, cnt, *tail,
+                               LAST_REDUCES=last_reduces, **meta)
+    if split > 1 and not last_reduces:
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+            ws, b, y, m * n, n, SPLIT=split, HAS_BIAS=bias is not None, BLOCK=block, INTERPRET=interpret,
+            num_warps=4,
+        )
     return y.reshape(*x.shape[:-1], n)

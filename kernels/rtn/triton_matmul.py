@@ -17,7 +17,9 @@ codes inside one group.
 All accumulate in fp32. A split of K over a grid axis stays ONE launch: each program writes its
 fp32 partial tile to a workspace and bumps a per-tile arrival counter; the last program to arrive
 adds the SPLIT partials in split order (deterministic), writes y and resets the counter to zero for
-the next call (``_finish``). ``launch.py`` picks the configuration and holds the scratch buffers.
+the next call (``_finish``). Large tensor-core tiles (``launch.LAST_REDUCES_MAX_TILE``) instead
+leave the partials to ``_splitk_reduce_kernel`` (a second launch, spread over all SMs).
+``launch.py`` picks the configuration and holds the scratch buffers.
 """
 
 from __future__ import annotations
@@ -48,13 +50,17 @@ def _store_y(out, y_ptr, b_ptr, y_offs, rn_b, mask, HAS_BIAS: tl.constexpr, INTE
 
 @triton.jit
 def _finish(out, y_ptr, ws_ptr, cnt_ptr, b_ptr, y_offs, ws_offs, ws_stride, pid_k, split, tile, rn_b, mask,
-            USE_WS: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
+            USE_WS: tl.constexpr, LAST_REDUCES: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
     """Store a finished tile, or (split K) a partial; the last of a tile's ``split`` programs reduces.
 
     ``ws_offs`` addresses split 0's partial; split ``s`` lives ``s * ws_stride`` further. The arrival
     counter ``cnt_ptr[tile]`` is zero between calls: the reducing program puts it back to zero.
+    Without LAST_REDUCES only the partial is stored and ``_splitk_reduce_kernel`` adds them (large
+    tiles: one program reducing SPLIT partials of 64 KB serially would be the launch's tail).
     """
-    if USE_WS:
+    if USE_WS and not LAST_REDUCES:
+        tl.store(ws_ptr + ws_offs + pid_k * ws_stride, out, mask=mask)
+    elif USE_WS:
         tl.store(ws_ptr + ws_offs + pid_k * ws_stride, out, mask=mask)
         tl.debug_barrier()  # every thread's partial is issued before the (release) arrival
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
@@ -74,7 +80,7 @@ def _rtn_gemv_kernel(
     M, N, K, stride_xm, n_groups, chunks_per_split, n_chunks, magic, split,
     BITS: tl.constexpr, GROUP: tl.constexpr, KC: tl.constexpr, UPG: tl.constexpr, BN: tl.constexpr,
     EVEN_K: tl.constexpr, USE_WS: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
-    NUM_STAGES: tl.constexpr, FAST: tl.constexpr,
+    NUM_STAGES: tl.constexpr, FAST: tl.constexpr, LAST_REDUCES: tl.constexpr = True,
 ):
     """One program: rows [BN] for activation row ``m`` over chunks [chunks_per_split] of K.
 
@@ -122,7 +128,7 @@ def _rtn_gemv_kernel(
             corr += tl.sum(tl.sum(xs, axis=1), axis=0) * zcs
     out = tl.sum(acc, axis=1) - corr  # [BN]
     _finish(out, y_ptr, ws_ptr, cnt_ptr, b_ptr, m * N + rn, m * N + rn, M * N, pid_k, split,
-            m * tl.num_programs(1) + pid_n, rn, n_mask, USE_WS, HAS_BIAS, INTERPRET)
+            m * tl.num_programs(1) + pid_n, rn, n_mask, USE_WS, LAST_REDUCES, HAS_BIAS, INTERPRET)
 
 
 @triton.jit
@@ -140,6 +146,7 @@ def _rtn_mma_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, KC: tl.constexpr, UPG: tl.constexpr, BN: tl.constexpr,
     BM: tl.constexpr, PAIR: tl.constexpr, EVEN_K: tl.constexpr, USE_WS: tl.constexpr,
     HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr, NUM_STAGES: tl.constexpr, FAST: tl.constexpr,
+    LAST_REDUCES: tl.constexpr = True,
 ):
     """One program: acc[BN, BM] = W[rows] @ x[acts]^T over chunks [chunks_per_split] of K."""
     H: tl.constexpr = 32 // BITS // 4
@@ -188,4 +195,18 @@ def _rtn_mma_kernel(
     mask = n_mask[:, None] & m_mask[None, :]
     offs = rm[None, :] * N + rn[:, None]
     _finish(acc, y_ptr, ws_ptr, cnt_ptr, b_ptr, offs, offs, M * N, pid_k, split,
-            pid_m * tl.num_programs(0) + pid_n, rn[:, None], mask, USE_WS, HAS_BIAS, INTERPRET)
+            pid_m * tl.num_programs(0) + pid_n, rn[:, None], mask, USE_WS, LAST_REDUCES, HAS_BIAS, INTERPRET)
+
+
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, b_ptr, y_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+    """y[m, n] = sum over splits of ws[split, m, n] (+ bias[n]), cast to y's dtype (large-tile split-K)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    out = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        out += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, _to_out_dtype(out, y_ptr, INTERPRET), mask=mask)

@@ -136,3 +136,17 @@ def test_hub_id_without_network(tmp_path):
     out = tmp_path / "o"
     proc = run_cli("quantize", "some-org/some-model", "-o", str(out), env={"HF_HUB_OFFLINE": "1"})
     _assert_clean_failure(proc, 2, "some-org/some-model", out)
+
+
+def test_pickled_weights_are_never_loaded(tiny_llama, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for f in tiny_llama.iterdir():
+        if f.suffix != ".safetensors":
+            (legacy / f.name).write_bytes(f.read_bytes())
+    torch.save(load_file(tiny_llama / "model.safetensors"), legacy / "pytorch_model.bin")
+    out = tmp_path / "o"
+    _assert_clean_failure(run_cli("quantize", str(legacy), "-o", str(out)), 2, "no *.safetensors", out)

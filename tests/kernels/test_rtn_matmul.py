@@ -209,3 +209,25 @@ def test_kernel_matches_reference_real_shapes(nk: tuple, bits: int, g_dtype: tup
     for m in (1, 16, 128):  # the heuristic's config for each: GEMV, pair mma, fp32-dequant mma
         case = make_case(m, n, k, bits, g, dtype, seed=m + n + bits)
         assert_close_to_reference(run_kernel(case), case)
+
+
+def test_split_k_counters_reset_between_calls() -> None:
+    """The single-launch split-K leaves its arrival counters at zero: repeated calls agree exactly."""
+    from effllm_kernels.rtn.launch import KernelConfig
+
+    case = make_case(2, 48, 576, 4, 128, torch.bfloat16, seed=13)
+    for cfg in (KernelConfig("gemv", 1, 16, split_k=3, num_warps=1, num_stages=2),
+                KernelConfig("mma", 16, 16, split_k=2, num_warps=4, num_stages=2, pair=True)):
+        first = run_kernel(case, cfg)
+        assert_close_to_reference(first, case)
+        assert torch.equal(run_kernel(case, cfg), first)
+
+
+def test_large_tile_split_k_uses_the_reduce_kernel() -> None:
+    """Tiles above LAST_REDUCES_MAX_TILE leave the split-K partials to the reduce kernel."""
+    from effllm_kernels.rtn.launch import LAST_REDUCES_MAX_TILE, KernelConfig
+
+    case = make_case(3, 80, 576, 8, 64, torch.float16, seed=17)
+    cfg = KernelConfig("mma", 64, 128, split_k=3, num_warps=4, num_stages=2)
+    assert cfg.block_m * cfg.block_n > LAST_REDUCES_MAX_TILE
+    assert_close_to_reference(run_kernel(case, cfg), case)
