@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from effllm_cli.output import EXIT_GATE, RichReporter, Ui, effllm_version, run_guarded
+from effllm_cli.output import RichReporter, Ui, effllm_version, run_guarded
 
 app = typer.Typer(
     name="effllm",
@@ -215,9 +215,9 @@ def eval_ppl(
 ) -> None:
     """Perplexity by the GPTQ protocol: effllm eval-ppl demo --seqlen 512 --max-tokens 20480 --json"""
     ui = Ui(quiet=quiet, verbose=verbose, json_mode=json, command="eval-ppl")
-    gate_failed: list[bool] = []
 
     def body() -> None:
+        from effllm_tools.errors import QualityGateError
         from effllm_tools.eval.run import run_eval_ppl
 
         res = run_eval_ppl(model, dataset=dataset, field=field, seqlen=seqlen, max_tokens=max_tokens,
@@ -225,17 +225,14 @@ def eval_ppl(
                            reporter=RichReporter(ui))
         ppl = res["metrics"]["ppl"]
         plain = f"ppl {ppl:.4f}" + (f"  kld {res['metrics']['kld']:.5f}" if kld_base else "")
+        failed = max_ppl is not None and ppl > max_ppl
         if max_ppl is not None:
-            res["gate"] = {"max_ppl": max_ppl, "passed": ppl <= max_ppl}
-            gate_failed.append(ppl > max_ppl)
-        ui.result(res, plain)
+            res["gate"] = {"max_ppl": max_ppl, "passed": not failed}
+        ui.result(res, plain, status="gate_failed" if failed else "ok")
+        if failed:
+            raise QualityGateError(f"perplexity {ppl:.4f} exceeds --max-ppl {max_ppl}")
 
-    code = run_guarded(ui, body)
-    if not code and gate_failed and gate_failed[0]:
-        code = ui.fail(EXIT_GATE, f"perplexity exceeds --max-ppl {max_ppl}") if not json else EXIT_GATE
-        if json:
-            ui.err.print(f"effllm: error: perplexity exceeds --max-ppl {max_ppl}", markup=False)
-    _finish(code)
+    _finish(run_guarded(ui, body))
 
 
 @app.command()

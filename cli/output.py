@@ -26,8 +26,9 @@ from rich.progress import (
 T = TypeVar("T")
 SCHEMA = "effllm.result/1"
 
-# Exit codes (README "Exit codes"); mirrored from effllm_tools.errors.ExitCode without importing torch.
-EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_OOM, EXIT_UNSUPPORTED, EXIT_GATE, EXIT_INTERRUPTED = 1, 2, 3, 4, 5, 130
+# The exit codes raised here rather than by an EffllmError (README "Exit codes"; effllm_tools.errors.ExitCode
+# holds them all, but importing effllm_tools loads torch and transformers, which --version must not wait for).
+EXIT_INTERNAL, EXIT_OOM, EXIT_INTERRUPTED = 1, 3, 130
 
 
 def effllm_version() -> str:
@@ -42,6 +43,7 @@ class Ui:
 
     def __init__(self, *, quiet: bool = False, verbose: bool = False, json_mode: bool = False, command: str = "") -> None:
         self.quiet, self.verbose, self.json_mode, self.command = quiet, verbose, json_mode, command
+        self.result_printed = False
         self.err = Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")) or None)
         level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
         handler = RichHandler(console=self.err, show_time=False, show_path=False, markup=False)
@@ -61,10 +63,12 @@ class Ui:
     def show_progress(self) -> bool:
         return not self.quiet and self.err.is_terminal
 
-    def result(self, payload: dict[str, Any], plain: str | None) -> None:
+    def result(self, payload: dict[str, Any], plain: str | None, status: str = "ok") -> None:
         """Print the command's result on stdout: one JSON object, or plain text."""
+        self.result_printed = True
         if self.json_mode:
-            obj = {"schema": SCHEMA, "effllm_version": effllm_version(), "command": self.command, "status": "ok", **payload}
+            obj = {"schema": SCHEMA, "effllm_version": effllm_version(), "command": self.command, "status": status,
+                   **payload}
             sys.stdout.write(json.dumps(obj, default=str) + "\n")
         elif plain is not None:
             sys.stdout.write(plain + "\n")
@@ -72,7 +76,7 @@ class Ui:
 
     def fail(self, code: int, message: str) -> int:
         self.err.print(f"effllm: error: {message}", markup=False, highlight=False, soft_wrap=True)
-        if self.json_mode:
+        if self.json_mode and not self.result_printed:  # stdout holds one JSON object, never two
             obj = {"schema": SCHEMA, "effllm_version": effllm_version(), "command": self.command,
                    "status": "error", "exit_code": code, "error": message}
             sys.stdout.write(json.dumps(obj) + "\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,8 +176,6 @@ def run_recipe(recipe: Recipe, *, device: str = "auto", dtype: str | None = None
                                provenance={**provenance, "timings": timings}, recipe=recipe_dict)
     timings["write_s"] = time.perf_counter() - t
     if state_dir.exists():
-        import shutil
-
         shutil.rmtree(state_dir, ignore_errors=True)
     return {"output_dir": str(written), "metrics": metrics, "timings": timings, "stages": stage_records,
             "provenance": provenance}

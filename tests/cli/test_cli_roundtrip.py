@@ -114,3 +114,12 @@ def test_same_seed_same_bytes(tiny_llama, tmp_path):
         assert run_cli("quantize", "--bits", "4", "--seed", "7", str(tiny_llama), "-o", str(out)).returncode == 0
     a, b = ((o / "model.safetensors").read_bytes() for o in outs)
     assert a == b
+
+
+def test_max_ppl_gate_in_json_mode_prints_one_object(tiny_llama, sample_text):
+    proc = run_cli("eval-ppl", str(tiny_llama), "--dataset", str(sample_text), "--seqlen", "64", "--max-tokens", "640",
+                   "--max-ppl", "1.0", "--json")
+    assert proc.returncode == 5
+    res = parse_json_stdout(proc)
+    assert res["status"] == "gate_failed" and res["gate"] == {"max_ppl": 1.0, "passed": False}
+    assert "exceeds --max-ppl" in proc.stderr
