@@ -165,7 +165,7 @@ def _simple_verb(verb: str, default_method: str, doc: str, extra: dict[str, tupl
 
 _simple_verb("quantize-kv", "aqua-kv", "Quantize the KV cache: effllm quantize-kv --method aqua-kv MODEL -o OUT",
              {"bits": (int, "KV bits.")})
-_simple_verb("prune", "wanda++", "Prune weights: effllm prune --method wanda++ --sparsity 2:4 MODEL -o OUT",
+_simple_verb("prune", "wanda", "Prune weights: effllm prune --method wanda --sparsity 2:4 MODEL -o OUT",
              {"sparsity": (str, "A ratio such as 0.5, or N:M such as 2:4.")})
 _simple_verb("extend-context", "longrope2",
              "Extend the context window: effllm extend-context --method longrope2 --target-length 32768 MODEL -o OUT",

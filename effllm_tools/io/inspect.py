@@ -37,6 +37,7 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
         "quantization": {"quant_method": qc.get("quant_method"), "modules": len(modules), "bits": bits,
                          "formats": sorted({m.get("format") for m in modules.values()})} if qc else None,
         "metrics": provenance.get("metrics") if provenance else None,
+        "sparsity": _sparsity(provenance),
         "rope_scaling": config.get("rope_scaling") or config.get("rope_parameters"),
         "max_position_embeddings": config.get("max_position_embeddings"),
         "files": [f.name for f in files],
@@ -48,6 +49,25 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
     }
 
 
+def _sparsity(provenance: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The measured weight sparsity a pruning stage recorded in the provenance (the last one wins)."""
+    found = None
+    for stage in (provenance or {}).get("stages", []):
+        m = stage.get("metrics") or {}
+        if "weight_sparsity" in m:
+            found = {"method": stage.get("method"), "pattern": m.get("sparsity_pattern"),
+                     "weight_sparsity": m["weight_sparsity"], "pruned_modules": m.get("pruned_modules"),
+                     "by_type": m.get("weight_sparsity_by_type"), "per_layer": m.get("weight_sparsity_per_layer")}
+    return found
+
+
+def _render_sparsity(s: dict[str, Any] | None) -> str:
+    if not s:
+        return "sparsity:    none recorded"
+    return (f"sparsity:    {s['weight_sparsity']:.2%} zeros in {s['pruned_modules']} pruned modules "
+            f"({s['pattern']}, {s['method']}); by type {s['by_type']}")
+
+
 def render_inspection(info: dict[str, Any]) -> str:
     q = info["quantization"]
     lines = [
@@ -56,6 +76,7 @@ def render_inspection(info: dict[str, Any]) -> str:
         f"methods:     {', '.join(info['methods']) or 'none recorded'}",
         f"quantized:   {q['modules']} modules, bits {q['bits']}, formats {q['formats']}" if q else "quantized:   no",
         f"metrics:     {info['metrics']}" if info["metrics"] else "metrics:     none recorded",
+        _render_sparsity(info.get("sparsity")),
         f"rope:        {info['rope_scaling']} (max positions {info['max_position_embeddings']})",
         f"size:        {info['size_bytes'] / 1e6:.1f} MB in {len(info['files'])} file(s), {info['tensors']} tensors {info['tensor_dtypes']}",
     ]

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+from effllm_tools.methods.gptq import method as _gptq  # noqa: F401  (registers "gptq")
+from effllm_tools.methods.prune import method as _prune  # noqa: F401  (registers "magnitude", "wanda")
 from effllm_tools.methods.rtn import method as _rtn  # noqa: F401  (registers "rtn")
 from effllm_tools.registry import MethodSpec, register_method
 
 # Planned methods: listed so users see the roadmap, refused with exit 4 until built.
 _PLANNED = [
-    ("gptq", "quantize", "weight-quant", "GPTQ weight quantization", "arXiv 2210.17323"),
     ("spqr", "quantize", "weight-quant", "SpQR: small groups, quantized statistics, fp16 outliers", "arXiv 2306.03078"),
     ("quarot", "quantize", "rotate", "QuaRot Hadamard rotations (W4A4KV4)", "arXiv 2404.00456"),
     ("aqua-kv", "quantize-kv", "kv-quant", "AQUA-KV predictive KV-cache quantization", "arXiv 2501.19392"),
-    ("magnitude", "prune", "prune", "magnitude pruning (baseline)", ""),
-    ("wanda", "prune", "prune", "Wanda: |W| x input-activation norm", "arXiv 2306.11695"),
     ("wanda++", "prune", "prune", "Wanda++: regional gradients and regional optimization", "arXiv 2503.04992"),
     ("longrope2", "extend-context", "extend-context", "LongRoPE2 needle-driven RoPE rescaling", "arXiv 2502.20082"),
     ("longrope", "extend-context", "extend-context", "LongRoPE v1 evolutionary search", "arXiv 2402.13753"),

@@ -1,0 +1,239 @@
+"""Glue for ``gptq``: recipe keys, and how it changes the model (layer-wise, calibrated).
+
+The model is walked one decoder layer at a time by :func:`effllm_tools.pipeline.run_layerwise`
+(GPTQ §4 and the reference ``llama.py``). Inside a layer, the linears are taken in GPTQ's
+"true sequential" order, ``(q, k, v), (o), (gate, up), (down)``: a group's Hessian is accumulated
+from its inputs *after* the earlier groups were quantized, and each linear is swapped at once for
+an :class:`~effllm_tools.methods.rtn.format.RTNLinear` holding its GPTQ codes, so later groups and
+later layers see the quantized weights. The result is stored in the ``rtn`` format.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from effllm_kernels.packing import pack_codes
+from effllm_tools.errors import BadInputError
+from effllm_tools.methods.gptq.algorithm import (
+    CholeskyError,
+    HessianAccumulator,
+    gptq_quantize,
+    hessian_error,
+)
+from effllm_tools.methods.rtn.algorithm import dequantize_codes, quantize_rtn
+from effllm_tools.methods.rtn.format import RTNLinear
+from effllm_tools.methods.rtn.method import replace_module
+from effllm_tools.pipeline import LayerContext, decoder_layers, make_fingerprint, run_layerwise
+from effllm_tools.registry import MethodSpec, StageResult, register_method
+
+# Per-linear numbers kept in ctx.artifacts (and so in the resume state): [gptq error, rtn error,
+# damping retries, percdamp used].
+_STATS = ".gptq_stats"
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class GPTQConfig:
+    """Recipe keys of the ``gptq`` stage."""
+
+    bits: int = 4
+    group_size: int = 128  # <= 0: one group per output row (per-channel)
+    symmetric: bool = False
+    act_order: bool = False  # visit columns by decreasing diag(H), static groups (no g_idx)
+    percdamp: float = 0.01  # damping, relative to mean(diag H); raised x10 when Cholesky fails
+    block_size: int = 128  # columns per lazy-batch block
+    stats_dtype: str = "float16"  # float16 | bfloat16 | float32
+    true_sequential: bool = True  # Hessians of later groups see the earlier groups quantized
+    ignore: list[str] = field(default_factory=list)  # regexes on module names left in full precision
+
+    def validate(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise BadInputError(f"gptq: bits must be between 2 and 8, got {self.bits}")
+        if not self.percdamp > 0:
+            raise BadInputError(f"gptq: percdamp must be > 0, got {self.percdamp}")
+        if self.block_size < 1:
+            raise BadInputError(f"gptq: block_size must be >= 1, got {self.block_size}")
+        if self.stats_dtype not in _DTYPES:
+            raise BadInputError(f"gptq: stats_dtype must be float16, bfloat16 or float32, got {self.stats_dtype!r}")
+        for pattern in self.ignore:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise BadInputError(f"gptq: ignore pattern {pattern!r} is not a valid regex: {err}") from None
+
+
+def _group_size(cfg: GPTQConfig, in_features: int) -> int:
+    gs = cfg.group_size
+    return in_features if gs <= 0 or gs > in_features else gs
+
+
+def _packed_module(lin: nn.Linear, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   cfg: GPTQConfig) -> RTNLinear:
+    """An :class:`RTNLinear` holding ``codes`` [N, K] and statistics [N, G], on ``lin``'s device."""
+    n, k = lin.weight.shape
+    mod = RTNLinear(k, n, cfg.bits, _group_size(cfg, k), lin.bias is not None, cfg.stats_dtype,
+                    device=lin.weight.device)
+    mod.qweight.copy_(pack_codes(codes, cfg.bits))
+    mod.scales.copy_(scales)
+    mod.zeros.copy_(zeros)
+    if lin.bias is not None:
+        mod.bias = lin.bias.data.clone()
+    return mod
+
+
+def quantize_linear(lin: nn.Linear, hessian: torch.Tensor, cfg: GPTQConfig) -> tuple[RTNLinear, torch.Tensor]:
+    """GPTQ one linear; returns its packed module and [gptq error, rtn error, retries, percdamp]."""
+    w = lin.weight.data
+    gs = _group_size(cfg, w.shape[1])
+    sd = _DTYPES[cfg.stats_dtype]
+    res = gptq_quantize(w, hessian, cfg.bits, gs, symmetric=cfg.symmetric, stats_dtype=sd,
+                        percdamp=cfg.percdamp, block_size=cfg.block_size, act_order=cfg.act_order)
+    rtn = dequantize_codes(*quantize_rtn(w.float(), cfg.bits, gs, cfg.symmetric, sd), gs)
+    stats = torch.tensor([res.loss, hessian_error(w, rtn, hessian), res.retries, res.percdamp], dtype=torch.float64)
+    return _packed_module(lin, res.codes, res.scales, res.zeros, cfg), stats
+
+
+def _hessians(lctx: LayerContext, readers: list[str]) -> dict[str, torch.Tensor]:
+    """One Hessian per name in ``readers`` (each the first kept linear of a group), one pass."""
+    accs: dict[str, HessianAccumulator] = {}
+
+    def add(name: str, x: torch.Tensor) -> None:
+        if name not in accs:
+            accs[name] = HessianAccumulator(x.shape[-1], device=x.device)
+        accs[name].add(x)
+
+    lctx.collect_inputs(readers, add)
+    return {name: acc.hessian for name, acc in accs.items()}
+
+
+def _layer_groups(lctx: LayerContext, cfg: GPTQConfig) -> list[list[str]]:
+    """The layer's linear groups minus the ignored modules (names relative to the layer)."""
+    groups = []
+    for group in lctx.arch.linear_groups:
+        kept = [n for n in group if not any(re.search(p, f"{lctx.name}.{n}") for p in cfg.ignore)]
+        if kept:
+            groups.append(kept)
+    return groups
+
+
+def _quantize_group(lctx: LayerContext, group: list[str], hessian: torch.Tensor, cfg: GPTQConfig,
+                    log: Callable[[str], None]) -> None:
+    """GPTQ each linear of ``group`` with the group's Hessian and swap in its packed module."""
+    for name in group:
+        lin = lctx.layer.get_submodule(name)
+        try:
+            packed, stats = quantize_linear(lin, hessian, cfg)
+        except CholeskyError as err:
+            raise BadInputError(f"gptq: {lctx.name}.{name}: {err}") from None
+        if stats[2] > 0:
+            log(f"gptq: {lctx.name}.{name}: Cholesky failed, retried with percdamp {float(stats[3]):g}")
+        replace_module(lctx.layer, name, packed)
+        lctx.artifacts[name + _STATS] = stats
+
+
+def make_on_layer(cfg: GPTQConfig, log: Callable[[str], None] = lambda _m: None) -> Callable[[LayerContext], None]:
+    """The per-layer callback for :func:`run_layerwise` (true-sequential or all groups at once)."""
+
+    def on_layer(lctx: LayerContext) -> None:
+        with torch.no_grad():
+            groups = _layer_groups(lctx, cfg)
+            if cfg.true_sequential:
+                for group in groups:
+                    _quantize_group(lctx, group, _hessians(lctx, group[:1])[group[0]], cfg, log)
+            else:
+                hessians = _hessians(lctx, [g[0] for g in groups])
+                for group in groups:
+                    _quantize_group(lctx, group, hessians[group[0]], cfg, log)
+
+    return on_layer
+
+
+def make_restore(cfg: GPTQConfig, arch: Any) -> Callable[[int, nn.Module, dict[str, torch.Tensor]], None]:
+    """Resume: swap in RTNLinear modules where the saved layer has packed weights, then load it."""
+
+    def restore(index: int, layer: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        for name in arch.linear_names:
+            lin = layer.get_submodule(name)
+            if f"{name}.qweight" in state and isinstance(lin, nn.Linear):
+                empty = torch.zeros(lin.weight.shape[0], lin.weight.shape[1], dtype=torch.uint8)
+                g = -(-lin.weight.shape[1] // _group_size(cfg, lin.weight.shape[1]))
+                ones = torch.ones(lin.weight.shape[0], g)
+                replace_module(layer, name, _packed_module(lin, empty, ones, ones, cfg))
+        try:
+            layer.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise BadInputError(f"resume state of decoder layer {index} does not fit the model: "
+                                f"{str(err).strip().splitlines()[0]}") from err
+
+    return restore
+
+
+def _metrics(ctx: Any, artifacts: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Record every packed module's spec; sum storage and the per-linear GPTQ statistics."""
+    stored = weights = 0
+    for index, layer in enumerate(decoder_layers(ctx.model, ctx.arch)):
+        for name, mod in layer.named_modules():
+            if isinstance(mod, RTNLinear):
+                ctx.record_module(f"{ctx.layers_prefix}.{index}.{name}", mod.spec())
+                stored += mod.storage_bits()
+                weights += mod.in_features * mod.out_features
+    stats = [t for layer in artifacts for key, t in layer.items() if key.endswith(_STATS)]
+    ratios = [float(s[0] / s[1]) for s in stats if s[1] > 0]
+    return {
+        "quantized_modules": len(stats),
+        "avg_bits": stored / max(weights, 1),
+        "hessian_error_vs_rtn": sum(ratios) / max(len(ratios), 1),  # mean of tr(EHE^T) ratios
+        "damping_retries": sum(int(s[2]) for s in stats),
+        "max_percdamp": max((float(s[3]) for s in stats), default=0.0),
+    }
+
+
+def _layer_progress(ctx: Any, num_layers: int) -> Callable[[int, int], None]:
+    """``progress(done, total)`` driving the reporter's progress iterator over the layers."""
+    ticks = iter(ctx.progress_iter(list(range(num_layers)), "gptq layers"))
+    seen = [0]
+
+    def progress(done: int, _total: int) -> None:
+        while seen[0] < done:
+            next(ticks, None)
+            seen[0] += 1
+        if done == num_layers:
+            next(ticks, None)  # let the iterator finish (closes its bar)
+
+    return progress
+
+
+def apply_gptq(ctx: Any, cfg: GPTQConfig) -> StageResult:
+    """Calibrate layer by layer and replace every target linear by its GPTQ-quantized RTNLinear."""
+    ids = ctx.calibration().input_ids
+    device = torch.device(ctx.device)
+    fingerprint = make_fingerprint(ctx.model, ids, {"method": "gptq", **asdict(cfg)})
+    result = run_layerwise(
+        ctx.model, ids, make_on_layer(cfg, ctx.reporter.warning), device=device,
+        offload_activations=device.type == "cuda", state_dir=ctx.state_dir, resume=ctx.resume,
+        fingerprint=fingerprint, restore_layer=make_restore(cfg, ctx.arch), arch=ctx.arch,
+        progress=_layer_progress(ctx, len(decoder_layers(ctx.model, ctx.arch))),
+    )
+    if result.resumed_from:
+        ctx.reporter.info(f"gptq: resumed after layer {result.resumed_from - 1}")
+    return StageResult(metrics=_metrics(ctx, result.artifacts))
+
+
+register_method(
+    MethodSpec(
+        name="gptq",
+        verb="quantize",
+        kind="weight-quant",
+        summary="GPTQ: Hessian-aware groupwise weights, 2-8 bits, stored as rtn",
+        config=GPTQConfig,
+        apply=apply_gptq,
+        needs_calibration=True,
+        paper="arXiv 2210.17323",
+    )
+)

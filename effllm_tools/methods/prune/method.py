@@ -1,0 +1,211 @@
+"""Glue for ``magnitude`` and ``wanda``: recipe keys, model walking, measured sparsity.
+
+``magnitude`` is data-free: it walks the decoder linears directly. ``wanda`` (arXiv 2306.11695,
+Algorithm 1 and the official ``lib/prune.py:prune_wanda``) walks the decoder layers with the shared
+calibration pipeline: for each layer it accumulates every linear's input norms over all calibration
+tokens in one pass through the still dense layer, prunes all the layer's linears, and the pruned
+layer's outputs feed the next layer. The output is a dense checkpoint with exact zeros (no
+``quantization_config``), loadable by plain transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from effllm_tools.errors import BadInputError
+from effllm_tools.methods.prune.algorithm import (
+    SparsityPattern,
+    accumulate_sq_norms,
+    apply_mask_,
+    magnitude_scores,
+    parse_sparsity,
+    prune_mask,
+    wanda_scores,
+    zero_count,
+)
+from effllm_tools.registry import MethodSpec, StageResult, register_method
+
+
+@dataclass
+class PruneConfig:
+    """Recipe keys shared by the pruning stages."""
+
+    method_name: ClassVar[str] = "prune"
+
+    sparsity: str | float = "0.5"  # a ratio in [0, 1) such as "0.5", or "N:M" such as "2:4"
+    ignore: list[str] = field(default_factory=list)  # regexes on module names left dense
+
+    def pattern(self) -> SparsityPattern:
+        try:
+            return parse_sparsity(self.sparsity)
+        except ValueError as err:
+            raise BadInputError(f"{self.method_name}: sparsity: {err}") from None
+
+    def validate(self) -> None:
+        self.pattern()
+        for pattern in self.ignore:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise BadInputError(f"{self.method_name}: ignore pattern {pattern!r} is not a valid regex: {err}") from None
+
+
+@dataclass
+class MagnitudeConfig(PruneConfig):
+    """Recipe keys of the ``magnitude`` stage (data-free)."""
+
+    method_name: ClassVar[str] = "magnitude"
+
+
+@dataclass
+class WandaConfig(PruneConfig):
+    """Recipe keys of the ``wanda`` stage (the calibration keys are the recipe's ``calibration``)."""
+
+    method_name: ClassVar[str] = "wanda"
+
+
+def prune_targets(model: nn.Module, layers_prefix: str, cfg: PruneConfig) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside the decoder layers, minus the ignored names; checks N:M divisibility."""
+    pattern = cfg.pattern()
+    found = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and name.startswith(layers_prefix + "."):
+            if any(re.search(p, name) for p in cfg.ignore):
+                continue
+            if pattern.structured and mod.in_features % pattern.m:
+                raise BadInputError(f"{cfg.method_name}: sparsity {pattern.describe()}: {name} has "
+                                    f"{mod.in_features} input features, not a multiple of {pattern.m} "
+                                    f"(leave it dense with the 'ignore' key)")
+            found[name] = mod
+    return found
+
+
+def sparsity_metrics(targets: dict[str, nn.Linear], layers_prefix: str, pattern: SparsityPattern) -> dict[str, Any]:
+    """Measured fraction of exact zeros: overall, per linear type (``q_proj``...), per decoder layer."""
+    tallies: dict[str, dict[str, list[int]]] = {"type": {}, "layer": {}}
+    for name, lin in targets.items():
+        zeros, total = zero_count(lin.weight), lin.weight.numel()
+        layer = name[len(layers_prefix) + 1:].split(".", 1)[0]
+        for kind, key in (("type", name.rsplit(".", 1)[-1]), ("layer", layer)):
+            tally = tallies[kind].setdefault(key, [0, 0])
+            tally[0] += zeros
+            tally[1] += total
+    zeros = sum(z for z, _ in tallies["type"].values())
+    total = sum(t for _, t in tallies["type"].values())
+
+    def frac(zt: list[int]) -> float:
+        return round(zt[0] / max(zt[1], 1), 6)
+
+    layers = sorted(tallies["layer"], key=lambda s: int(s) if s.isdigit() else s)
+    return {
+        "sparsity_pattern": pattern.describe(),
+        "pruned_modules": len(targets),
+        "weight_sparsity": round(zeros / max(total, 1), 6),
+        "weight_sparsity_by_type": {k: frac(v) for k, v in tallies["type"].items()},
+        "weight_sparsity_per_layer": [frac(tallies["layer"][k]) for k in layers],
+    }
+
+
+@torch.no_grad()
+def prune_linear_(lin: nn.Linear, scores: torch.Tensor, pattern: SparsityPattern) -> None:
+    """Zero the lowest-scoring weights of ``lin`` in place, row by row."""
+    apply_mask_(lin.weight.data, prune_mask(scores, pattern))
+
+
+@torch.no_grad()
+def apply_magnitude(ctx: Any, cfg: MagnitudeConfig) -> StageResult:
+    """Magnitude pruning, per output row, of every target linear (no data)."""
+    pattern = cfg.pattern()
+    targets = prune_targets(ctx.model, ctx.layers_prefix, cfg)
+    for _name, lin in ctx.progress_iter(list(targets.items()), "magnitude"):
+        prune_linear_(lin, magnitude_scores(lin.weight.data.to(ctx.device)), pattern)
+    return StageResult(metrics=sparsity_metrics(targets, ctx.layers_prefix, pattern))
+
+
+def _layer_progress(ctx: Any, total: int, label: str) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback for run_layerwise, drawn through ``ctx.progress_iter``."""
+    bar = iter(ctx.progress_iter(list(range(total)), label))
+    next(bar, None)
+    shown = [0]
+
+    def report(done: int, _total: int) -> None:
+        while shown[0] < done:
+            next(bar, None)
+            shown[0] += 1
+
+    return report
+
+
+def wanda_layer_fn(targets: dict[str, nn.Linear], pattern: SparsityPattern) -> Callable[[Any], None]:
+    """``on_layer`` for run_layerwise: Wanda on one decoder layer (official code's order)."""
+
+    def on_layer(lctx: Any) -> None:
+        names = {rel for rel in lctx.linears() if f"{lctx.name}.{rel}" in targets}
+        groups = [[n for n in group if n in names] for group in lctx.arch.linear_groups]
+        groups = [g for g in groups if g]
+        norms: dict[str, torch.Tensor] = {}
+
+        def add(name: str, x: torch.Tensor) -> None:  # x: [tokens, in_features], one sample
+            norms[name] = accumulate_sq_norms(norms.get(name), x)
+
+        # One pass through the dense layer; linears of a group share their input (q, k, v), (gate, up).
+        lctx.collect_inputs([g[0] for g in groups], add)
+        with torch.no_grad():
+            for group in groups:
+                for rel in group:
+                    lin = lctx.layer.get_submodule(rel)
+                    prune_linear_(lin, wanda_scores(lin.weight.data, norms[group[0]]), pattern)
+
+    return on_layer
+
+
+def apply_wanda(ctx: Any, cfg: WandaConfig) -> StageResult:
+    """Wanda, layer by layer on the calibration windows; pruned outputs feed the next layer."""
+    from effllm_tools.pipeline import decoder_layers, make_fingerprint, run_layerwise
+
+    pattern = cfg.pattern()
+    targets = prune_targets(ctx.model, ctx.layers_prefix, cfg)
+    ids = ctx.calibration().input_ids  # [n, seqlen]
+    num_layers = len(decoder_layers(ctx.model, ctx.arch))
+    state_dir = ctx.state_dir / "wanda" if ctx.state_dir is not None else None
+    fingerprint = make_fingerprint(ctx.model, ids, {"method": "wanda", **dataclasses.asdict(cfg)})
+    result = run_layerwise(
+        ctx.model, ids, wanda_layer_fn(targets, pattern), device=ctx.device, state_dir=state_dir,
+        resume=ctx.resume, fingerprint=fingerprint, progress=_layer_progress(ctx, num_layers, "wanda"),
+        arch=ctx.arch,
+    )
+    metrics = sparsity_metrics(targets, ctx.layers_prefix, pattern)
+    metrics.update(calibration_tokens=int(ids.numel()), resumed_layers=result.resumed_from)
+    return StageResult(metrics=metrics)
+
+
+register_method(
+    MethodSpec(
+        name="magnitude",
+        verb="prune",
+        kind="prune",
+        summary="magnitude pruning per output row, unstructured or N:M (baseline, data-free)",
+        config=MagnitudeConfig,
+        apply=apply_magnitude,
+    )
+)
+
+register_method(
+    MethodSpec(
+        name="wanda",
+        verb="prune",
+        kind="prune",
+        summary="Wanda: |W| x input-activation norm per output row, unstructured or N:M",
+        config=WandaConfig,
+        apply=apply_wanda,
+        needs_calibration=True,
+        paper="arXiv 2306.11695",
+    )
+)
