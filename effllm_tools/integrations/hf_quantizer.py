@@ -36,7 +36,7 @@ def _build_classes() -> tuple[type, type]:
         requires_calibration = True
 
         def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
-            from effllm_tools.methods.rtn.method import replace_module
+            from effllm_tools.methods.common import replace_module
             from effllm_tools.registry import get_format
 
             for name, spec in self.quantization_config.modules.items():

@@ -20,6 +20,7 @@ from torch import nn
 
 from effllm_kernels.packing import pack_codes
 from effllm_tools.errors import BadInputError
+from effllm_tools.methods.common import check_ignore_patterns, replace_module
 from effllm_tools.methods.gptq.algorithm import (
     CholeskyError,
     HessianAccumulator,
@@ -28,7 +29,6 @@ from effllm_tools.methods.gptq.algorithm import (
 )
 from effllm_tools.methods.rtn.algorithm import dequantize_codes, quantize_rtn
 from effllm_tools.methods.rtn.format import RTNLinear
-from effllm_tools.methods.rtn.method import replace_module
 from effllm_tools.pipeline import LayerContext, decoder_layers, make_fingerprint, run_layerwise
 from effllm_tools.registry import MethodSpec, StageResult, register_method
 
@@ -61,11 +61,7 @@ class GPTQConfig:
             raise BadInputError(f"gptq: block_size must be >= 1, got {self.block_size}")
         if self.stats_dtype not in _DTYPES:
             raise BadInputError(f"gptq: stats_dtype must be float16, bfloat16 or float32, got {self.stats_dtype!r}")
-        for pattern in self.ignore:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise BadInputError(f"gptq: ignore pattern {pattern!r} is not a valid regex: {err}") from None
+        check_ignore_patterns("gptq", self.ignore)
 
 
 def _group_size(cfg: GPTQConfig, in_features: int) -> int:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from effllm_tools.errors import BadInputError
+from effllm_tools.methods.common import check_ignore_patterns
 from effllm_tools.methods.prune.algorithm import (
     SparsityPattern,
     accumulate_sq_norms,
@@ -50,11 +51,7 @@ class PruneConfig:
 
     def validate(self) -> None:
         self.pattern()
-        for pattern in self.ignore:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise BadInputError(f"{self.method_name}: ignore pattern {pattern!r} is not a valid regex: {err}") from None
+        check_ignore_patterns(self.method_name, self.ignore)
 
 
 @dataclass

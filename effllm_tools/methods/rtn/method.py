@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from effllm_tools.errors import BadInputError
+from effllm_tools.methods.common import check_ignore_patterns, replace_module, target_linears
 from effllm_tools.methods.rtn.format import RTNLinear
 from effllm_tools.registry import MethodSpec, StageResult, register_method
 
@@ -29,26 +28,7 @@ class RTNConfig:
             raise BadInputError(f"rtn: bits must be between 2 and 8, got {self.bits}")
         if self.stats_dtype not in ("float16", "bfloat16", "float32"):
             raise BadInputError(f"rtn: stats_dtype must be float16, bfloat16 or float32, got {self.stats_dtype!r}")
-        for pattern in self.ignore:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise BadInputError(f"rtn: ignore pattern {pattern!r} is not a valid regex: {err}") from None
-
-
-def target_linears(model: nn.Module, layers_prefix: str, ignore: list[str]) -> dict[str, nn.Linear]:
-    """Every nn.Linear inside the decoder layers, minus the ignored names."""
-    found = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and name.startswith(layers_prefix + "."):
-            if not any(re.search(p, name) for p in ignore):
-                found[name] = mod
-    return found
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        check_ignore_patterns("rtn", self.ignore)
 
 
 @torch.no_grad()
