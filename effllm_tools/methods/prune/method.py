@@ -11,7 +11,6 @@ layer's outputs feed the next layer. The output is a dense checkpoint with exact
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from effllm_tools.errors import BadInputError
-from effllm_tools.methods.common import check_ignore_patterns
+from effllm_tools.methods.common import check_ignore_patterns, target_linears
 from effllm_tools.methods.prune.algorithm import (
     SparsityPattern,
     accumulate_sq_norms,
@@ -71,16 +70,12 @@ class WandaConfig(PruneConfig):
 def prune_targets(model: nn.Module, layers_prefix: str, cfg: PruneConfig) -> dict[str, nn.Linear]:
     """Every nn.Linear inside the decoder layers, minus the ignored names; checks N:M divisibility."""
     pattern = cfg.pattern()
-    found = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and name.startswith(layers_prefix + "."):
-            if any(re.search(p, name) for p in cfg.ignore):
-                continue
-            if pattern.structured and mod.in_features % pattern.m:
-                raise BadInputError(f"{cfg.method_name}: sparsity {pattern.describe()}: {name} has "
-                                    f"{mod.in_features} input features, not a multiple of {pattern.m} "
-                                    f"(leave it dense with the 'ignore' key)")
-            found[name] = mod
+    found = target_linears(model, layers_prefix, cfg.ignore)
+    for name, mod in found.items():
+        if pattern.structured and mod.in_features % pattern.m:
+            raise BadInputError(f"{cfg.method_name}: sparsity {pattern.describe()}: {name} has "
+                                f"{mod.in_features} input features, not a multiple of {pattern.m} "
+                                f"(leave it dense with the 'ignore' key)")
     return found
 
 
