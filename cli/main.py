@@ -169,7 +169,8 @@ _simple_verb("prune", "wanda", "Prune weights: effllm prune --method wanda --spa
              {"sparsity": (str, "A ratio such as 0.5, or N:M such as 2:4.")})
 _simple_verb("extend-context", "longrope2",
              "Extend the context window: effllm extend-context --method longrope2 --target-length 32768 MODEL -o OUT",
-             {"target_length": (int, "New context length in tokens.")})
+             {"target_length": (int, "New context length in tokens."),
+              "finetune_tokens": (int, "longrope2/longrope: mixed context-window fine-tuning budget in tokens.")})
 _simple_verb("sparsify-attn", "seer", "Block-sparse attention gates: effllm sparsify-attn --method seer MODEL -o OUT",
              {"sparsity": (float, "Target attention sparsity.")})
 
@@ -210,6 +211,7 @@ def eval_ppl(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 1,
     kld_base: Annotated[str | None, typer.Option("--kld-base", help="Also report KL(base || MODEL) per token.")] = None,
     max_ppl: Annotated[float | None, typer.Option("--max-ppl", help="Exit 5 if the perplexity exceeds this.")] = None,
+    allow_beyond_max: Annotated[bool, typer.Option("--allow-beyond-max", help="Allow --seqlen above max_position_embeddings.")] = False,
     device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", seed: SeedOpt = 0, json: JsonOpt = False,
     quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
@@ -222,7 +224,7 @@ def eval_ppl(
 
         res = run_eval_ppl(model, dataset=dataset, field=field, seqlen=seqlen, max_tokens=max_tokens,
                            batch_size=batch_size, kld_base=kld_base, device=device, dtype=dtype, seed=seed,
-                           reporter=RichReporter(ui))
+                           reporter=RichReporter(ui), allow_beyond_max=allow_beyond_max)
         ppl = res["metrics"]["ppl"]
         plain = f"ppl {ppl:.4f}" + (f"  kld {res['metrics']['kld']:.5f}" if kld_base else "")
         failed = max_ppl is not None and ppl > max_ppl
@@ -231,6 +233,41 @@ def eval_ppl(
         ui.result(res, plain, status="gate_failed" if failed else "ok")
         if failed:
             raise QualityGateError(f"perplexity {ppl:.4f} exceeds --max-ppl {max_ppl}")
+
+    _finish(run_guarded(ui, body))
+
+
+@app.command("eval-passkey")
+def eval_passkey(
+    model: ModelArg,
+    lengths: Annotated[str, typer.Option("--lengths", help="Comma-separated prompt lengths in tokens.")] = "2048,8192",
+    depths: Annotated[str, typer.Option("--depths", help="Comma-separated needle depths in [0, 1].")] = "0,0.25,0.5,0.75,1",
+    trials: Annotated[int, typer.Option("--trials", help="Prompts per (length, depth).")] = 5,
+    dataset: Annotated[str, typer.Option("--dataset", help="Haystack text (file, folder, .jsonl or named set).")] = "austen-persuasion",
+    min_accuracy: Annotated[float | None, typer.Option("--min-accuracy", help="Exit 5 if the accuracy is below this.")] = None,
+    allow_beyond_max: Annotated[bool, typer.Option("--allow-beyond-max", help="Allow lengths above max_position_embeddings.")] = False,
+    device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", seed: SeedOpt = 0, json: JsonOpt = False,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+) -> None:
+    """Passkey retrieval accuracy: effllm eval-passkey MODEL --lengths 2048,8192 --depths 0,0.5,1 --trials 5 --json"""
+    ui = Ui(quiet=quiet, verbose=verbose, json_mode=json, command="eval-passkey")
+
+    def body() -> None:
+        from effllm_tools.errors import QualityGateError
+        from effllm_tools.eval.passkey import parse_list, run_eval_passkey
+
+        res = run_eval_passkey(model, lengths=parse_list(lengths, int, "lengths"), depths=parse_list(depths, float, "depths"),
+                               trials=trials, dataset=dataset, device=device, dtype=dtype, seed=seed,
+                               allow_beyond_max=allow_beyond_max, reporter=RichReporter(ui))
+        acc = res["metrics"]["accuracy"]
+        plain = "\n".join([f"accuracy {acc:.3f}"] + [f"  {n:>7} tokens: {a:.3f}"
+                                                      for n, a in res["metrics"]["accuracy_by_length"].items()])
+        failed = min_accuracy is not None and acc < min_accuracy
+        if min_accuracy is not None:
+            res["gate"] = {"min_accuracy": min_accuracy, "passed": not failed}
+        ui.result(res, plain, status="gate_failed" if failed else "ok")
+        if failed:
+            raise QualityGateError(f"passkey accuracy {acc:.3f} is below --min-accuracy {min_accuracy}")
 
     _finish(run_guarded(ui, body))
 

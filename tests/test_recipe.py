@@ -48,7 +48,7 @@ def test_unknown_and_unavailable_methods_are_unsupported():
     with pytest.raises(UnsupportedError, match="unknown method 'nope'"):
         parse_recipe(_raw(stages=[{"method": "nope"}]))
     with pytest.raises(UnsupportedError, match="not available"):
-        parse_recipe(_raw(stages=[{"method": "spqr"}]))
+        parse_recipe(_raw(stages=[{"method": "quarot"}]))
 
 
 def test_order_rules():

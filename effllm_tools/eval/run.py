@@ -19,7 +19,7 @@ def model_max_length(config: Any) -> int | None:
 
 def run_eval_ppl(model: str, *, dataset: str, field: str = "text", seqlen: int = 2048, max_tokens: int | None = None,
                  batch_size: int = 1, kld_base: str | None = None, device: str = "auto", dtype: str = "auto",
-                 seed: int = 0, reporter: Reporter | None = None) -> dict[str, Any]:
+                 seed: int = 0, reporter: Reporter | None = None, allow_beyond_max: bool = False) -> dict[str, Any]:
     from effllm_tools.data.calibration import eval_windows, tokenize_text
     from effllm_tools.data.sources import load_text
     from effllm_tools.runner import resolve_device, seed_everything
@@ -34,8 +34,9 @@ def run_eval_ppl(model: str, *, dataset: str, field: str = "text", seqlen: int =
     t0 = time.perf_counter()
     loaded = load_model(model, device=device, dtype=None if dtype == "auto" else dtype)
     limit = model_max_length(loaded.model.config)
-    if limit is not None and seqlen > limit:
-        raise BadInputError(f"--seqlen {seqlen} exceeds the model's limit of {limit} tokens (max_position_embeddings)")
+    if limit is not None and seqlen > limit and not allow_beyond_max:
+        raise BadInputError(f"--seqlen {seqlen} exceeds the model's limit of {limit} tokens (max_position_embeddings); "
+                            "pass --allow-beyond-max to measure it anyway")
     base = load_model(kld_base, device=device, dtype=None if dtype == "auto" else dtype) if kld_base else None
     t_load = time.perf_counter() - t0
     text = load_text(dataset, field=field)
@@ -65,6 +66,7 @@ def run_eval_ppl(model: str, *, dataset: str, field: str = "text", seqlen: int =
         "device": device,
         "kld_base": kld_base,
         "torch_threads": torch.get_num_threads(),
+        "allow_beyond_max": allow_beyond_max,
     }
     timings = {"load_s": t_load, "eval_s": t_eval, "tokens_per_s": res.windows * seqlen / max(t_eval, 1e-9)}
     return {"metrics": metrics, "settings": settings, "timings": timings}

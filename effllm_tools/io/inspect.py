@@ -35,7 +35,8 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
         "architectures": config.get("architectures"),
         "methods": [st["method"] for st in provenance.get("stages", [])] if provenance else [],
         "quantization": {"quant_method": qc.get("quant_method"), "modules": len(modules), "bits": bits,
-                         "formats": sorted({m.get("format") for m in modules.values()})} if qc else None,
+                         "formats": sorted({m.get("format") for m in modules.values()}),
+                         "avg_bits": _avg_bits(modules, provenance)} if qc else None,
         "metrics": provenance.get("metrics") if provenance else None,
         "sparsity": _sparsity(provenance),
         "rope_scaling": config.get("rope_scaling") or config.get("rope_parameters"),
@@ -47,6 +48,16 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
         "provenance": {k: provenance.get(k) for k in ("effllm_version", "created", "source", "seed", "data",
                                                        "recipe_sha256", "machine", "packages")} if provenance else None,
     }
+
+
+def _avg_bits(modules: dict[str, dict[str, Any]], provenance: dict[str, Any] | None) -> float | None:
+    """Bits per quantized parameter: from the module specs that record it (``spqr``), weighted by
+    parameter count, else the ``avg_bits`` metric the quantizing stage wrote into the provenance."""
+    sized = [(m["avg_bits"], m["in_features"] * m["out_features"]) for m in modules.values()
+             if "avg_bits" in m and "in_features" in m and "out_features" in m]
+    if sized and len(sized) == len(modules):
+        return sum(b * n for b, n in sized) / max(sum(n for _, n in sized), 1)
+    return ((provenance or {}).get("metrics") or {}).get("avg_bits")
 
 
 def _sparsity(provenance: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -74,7 +85,9 @@ def render_inspection(info: dict[str, Any]) -> str:
         f"path:        {info['path']}",
         f"model:       {info['model_type']} {info['architectures']}",
         f"methods:     {', '.join(info['methods']) or 'none recorded'}",
-        f"quantized:   {q['modules']} modules, bits {q['bits']}, formats {q['formats']}" if q else "quantized:   no",
+        (f"quantized:   {q['modules']} modules, bits {q['bits']}, formats {q['formats']}"
+         + (f", {q['avg_bits']:.4f} average bits per parameter" if q.get("avg_bits") is not None else "")
+         if q else "quantized:   no"),
         f"metrics:     {info['metrics']}" if info["metrics"] else "metrics:     none recorded",
         _render_sparsity(info.get("sparsity")),
         f"rope:        {info['rope_scaling']} (max positions {info['max_position_embeddings']})",

@@ -114,8 +114,13 @@ def load_config(source: ModelSource) -> Any:
     return config
 
 
-def load_model(spec: str, *, device: str = "cpu", dtype: str | torch.dtype | None = None) -> LoadedModel:
-    """Load a causal LM and its tokenizer. ``import effllm_tools`` made effllm formats loadable."""
+def load_model(spec: str, *, device: str = "cpu", dtype: str | torch.dtype | None = None,
+               sparse24: str | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer. ``import effllm_tools`` made effllm formats loadable.
+
+    On CUDA, a 2:4-pruned checkpoint gets the 2:4 runtime (``sparse24``: off | on | dual | auto,
+    default ``EFFLLM_SPARSE24`` or auto; see :mod:`effllm_tools.runtime.sparse24`).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_source(spec)
@@ -146,4 +151,7 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str | torch.dtype | Non
     model.eval()
     if device != "cpu":
         model.to(device)
+        from effllm_tools.runtime.sparse24 import maybe_apply_sparse24
+
+        maybe_apply_sparse24(model, source.path if source.kind in ("directory", "demo") else None, device, sparse24)
     return LoadedModel(model, tokenizer, source, info={"model_type": config.model_type})

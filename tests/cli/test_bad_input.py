@@ -61,9 +61,9 @@ def test_non_decoder_model_is_unsupported(tmp_path):
 
 @pytest.mark.parametrize(("args", "code", "needle"), [
     (("quantize", "--method", "nope"), 4, "unknown method 'nope'"),
-    (("quantize", "--method", "spqr"), 4, "not available"),
-    (("prune", "--method", "wanda++", "--sparsity", "2:4"), 4, "not available"),
-    (("extend-context", "--target-length", "32768"), 4, "not available"),
+    (("quantize", "--method", "quarot"), 4, "not available"),
+    (("prune", "--method", "wanda++", "--set", "wanda++.alpha=-1"), 2, "alpha must be"),
+    (("extend-context", "--target-length", "128"), 2, "must exceed the original context"),
     (("quantize-kv",), 4, "not available"),
     (("sparsify-attn",), 4, "not available"),
     (("quantize", "--bits", "11"), 2, "bits must be between 2 and 8"),

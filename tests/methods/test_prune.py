@@ -274,3 +274,34 @@ def test_recipe_wanda_then_rtn8_runs(tiny_llama, tmp_path, sample_text):
     # 8-bit RTN keeps the pruned half near zero: the smaller half of every row is tiny.
     small = w.abs().sort(dim=1).values[:, : w.shape[1] // 2]
     assert small.max() < 2e-2 * w.abs().max()
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize(("bits", "group_size", "pattern"), [(4, 32, "2:4"), (3, 16, "0.5"), (2, 64, "4:8"),
+                                                              (4, 40, "0.3")])
+def test_prune_then_rtn_keeps_every_pruned_weight_an_exact_zero(symmetric, bits, group_size, pattern):
+    from effllm_tools.methods.rtn.algorithm import dequantize_codes, quantize_rtn
+
+    torch.manual_seed(6)
+    w = _pruned(torch.randn(24, 120) + 0.3, pattern, torch.rand(120))  # a shifted grid: 0 off the float one
+    codes, scales, zeros = quantize_rtn(w, bits, group_size, symmetric)
+    w_hat = dequantize_codes(codes, scales, zeros, group_size)
+    assert torch.equal(w_hat[w == 0], torch.zeros_like(w_hat[w == 0]))
+    # Without the integer zero point the pruned weights would not dequantize to 0 (the test bites).
+    if not symmetric:
+        loose = dequantize_codes(*quantize_rtn(w, bits, group_size, symmetric, keep_zeros=False), group_size)
+        assert (loose[w == 0] != 0).any()
+    # The grid still fits: every weight within one step of its group (half a step plus the zero shift).
+    step = scales.float().repeat_interleave(group_size, dim=1)[:, : w.shape[1]]
+    assert ((w_hat - w).abs() <= step * 1.0001).all()
+
+
+def test_rtn_dense_path_is_unchanged_by_keep_zeros():
+    from effllm_tools.methods.rtn.algorithm import quantize_rtn
+
+    torch.manual_seed(7)
+    w = torch.randn(16, 96)  # no exact zeros: every group keeps its float zero point
+    for symmetric in (False, True):
+        got, want = quantize_rtn(w, 4, 32, symmetric), quantize_rtn(w, 4, 32, symmetric, keep_zeros=False)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)

@@ -23,7 +23,8 @@ float zero, or symmetric), so GPTQ's result is stored in the existing ``rtn`` fo
 
 Grid fitting and column rounding go through a :class:`GroupGrid` object; SpQR subclasses it to fit
 its own (second-level quantized) statistics per group and to keep outliers per column, using the
-``d = diag(chol(H^-1))`` that :meth:`GroupGrid.quantize_column` receives.
+``d = diag(chol(H^-1))`` that :meth:`GroupGrid.begin` and :meth:`GroupGrid.quantize_column` receive;
+the loss is measured on :meth:`GroupGrid.dequantized` (outliers included).
 """
 
 from __future__ import annotations
@@ -92,6 +93,15 @@ class GroupGrid:
     def fit_all(self, w: torch.Tensor) -> None:
         """Static groups: every group's grid from ``w`` [N, K] in the original column order."""
         self.scales, self.zeros = fit_grid(w, self.bits, self.group_size, self.symmetric, self.stats_dtype)
+
+    def begin(self, w: torch.Tensor, d: torch.Tensor) -> None:
+        """Called once before the pass with ``w`` [N, K] (visiting order, dead columns zeroed) and
+        ``d = diag(chol(H^-1))`` [K] in visiting order. Unused here; SpQR derives its outlier
+        threshold from both and keeps ``d`` for its leave-one-out pass."""
+
+    def dequantized(self) -> torch.Tensor:
+        """The quantized weight [N, K] fp32 in the original column order (for the loss)."""
+        return dequantize_codes(self.codes, self.scales, self.zeros, self.group_size)
 
     def quantize_column(self, col: int, w: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         g = col // self.group_size
@@ -223,7 +233,9 @@ def gptq_quantize(
         perm = torch.arange(k, device=w.device)
         block_size = _aligned_block(block_size, gs, k)
     upper, damp, retries = inverse_hessian_cholesky(h[perm][:, perm], percdamp, max_retries)
-    _gptq_pass(w[:, perm].contiguous(), upper, grid, perm, static=act_order, block_size=block_size)
-    w_hat = dequantize_codes(grid.codes, grid.scales, grid.zeros, gs)
+    w_visit = w[:, perm].contiguous()
+    grid.begin(w_visit, torch.diagonal(upper))
+    _gptq_pass(w_visit, upper, grid, perm, static=act_order, block_size=block_size)
+    w_hat = grid.dequantized()
     loss = hessian_error(weight, w_hat, hessian.to(w.device))
     return GPTQResult(grid.codes, grid.scales, grid.zeros, loss, damp, retries, perm if act_order else None)

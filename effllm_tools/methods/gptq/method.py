@@ -95,7 +95,7 @@ def quantize_linear(lin: nn.Linear, hessian: torch.Tensor, cfg: GPTQConfig) -> t
     return _packed_module(lin, res.codes, res.scales, res.zeros, cfg), stats
 
 
-def _hessians(lctx: LayerContext, readers: list[str]) -> dict[str, torch.Tensor]:
+def layer_hessians(lctx: LayerContext, readers: list[str]) -> dict[str, torch.Tensor]:
     """One Hessian per name in ``readers`` (each the first kept linear of a group), one pass."""
     accs: dict[str, HessianAccumulator] = {}
 
@@ -108,8 +108,8 @@ def _hessians(lctx: LayerContext, readers: list[str]) -> dict[str, torch.Tensor]
     return {name: acc.hessian for name, acc in accs.items()}
 
 
-def _layer_groups(lctx: LayerContext, cfg: GPTQConfig) -> list[list[str]]:
-    """The layer's linear groups minus the ignored modules (names relative to the layer)."""
+def layer_groups(lctx: LayerContext, cfg: Any) -> list[list[str]]:
+    """The layer's linear groups minus the modules ``cfg.ignore`` matches (names relative to the layer)."""
     groups = []
     for group in lctx.arch.linear_groups:
         kept = [n for n in group if not any(re.search(p, f"{lctx.name}.{n}") for p in cfg.ignore)]
@@ -138,12 +138,12 @@ def make_on_layer(cfg: GPTQConfig, log: Callable[[str], None] = lambda _m: None)
 
     def on_layer(lctx: LayerContext) -> None:
         with torch.no_grad():
-            groups = _layer_groups(lctx, cfg)
+            groups = layer_groups(lctx, cfg)
             if cfg.true_sequential:
                 for group in groups:
-                    _quantize_group(lctx, group, _hessians(lctx, group[:1])[group[0]], cfg, log)
+                    _quantize_group(lctx, group, layer_hessians(lctx, group[:1])[group[0]], cfg, log)
             else:
-                hessians = _hessians(lctx, [g[0] for g in groups])
+                hessians = layer_hessians(lctx, [g[0] for g in groups])
                 for group in groups:
                     _quantize_group(lctx, group, hessians[group[0]], cfg, log)
 
@@ -190,9 +190,9 @@ def _metrics(ctx: Any, artifacts: list[dict[str, torch.Tensor]]) -> dict[str, An
     }
 
 
-def _layer_progress(ctx: Any, num_layers: int) -> Callable[[int, int], None]:
+def layer_progress(ctx: Any, num_layers: int, label: str = "gptq layers") -> Callable[[int, int], None]:
     """``progress(done, total)`` driving the reporter's progress iterator over the layers."""
-    ticks = iter(ctx.progress_iter(list(range(num_layers)), "gptq layers"))
+    ticks = iter(ctx.progress_iter(list(range(num_layers)), label))
     seen = [0]
 
     def progress(done: int, _total: int) -> None:
@@ -214,7 +214,7 @@ def apply_gptq(ctx: Any, cfg: GPTQConfig) -> StageResult:
         ctx.model, ids, make_on_layer(cfg, ctx.reporter.warning), device=device,
         offload_activations=device.type == "cuda", state_dir=ctx.state_dir, resume=ctx.resume,
         fingerprint=fingerprint, restore_layer=make_restore(cfg, ctx.arch), arch=ctx.arch,
-        progress=_layer_progress(ctx, len(decoder_layers(ctx.model, ctx.arch))),
+        progress=layer_progress(ctx, len(decoder_layers(ctx.model, ctx.arch))),
     )
     if result.resumed_from:
         ctx.reporter.info(f"gptq: resumed after layer {result.resumed_from - 1}")

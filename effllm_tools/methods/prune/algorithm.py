@@ -125,3 +125,22 @@ def apply_mask_(weight: torch.Tensor, mask: torch.Tensor) -> None:
 def zero_count(weight: torch.Tensor) -> int:
     """The number of exact zeros in ``weight``."""
     return int((weight == 0).sum())
+
+
+def wanda_pp_scores(
+    weight: torch.Tensor, input_sq_norms: torch.Tensor, grad_rms: torch.Tensor | None, alpha: float
+) -> torch.Tensor:
+    """Wanda++'s regional-gradient score ``S_ij = (alpha * G_ij + ||X_j||_2) * |W_ij|`` (arXiv 2503.04992,
+    §3.1, Eq. 4) as fp32 [out, in].
+
+    ``grad_rms`` [out, in]: ``G``, the RMS over calibration samples of the gradient of the decoder
+    block's output L2 norm with respect to ``W`` (see ``regional.regional_gradients``); ``None`` or
+    ``alpha = 0`` gives Wanda's score exactly. ``input_sq_norms`` as in :func:`wanda_scores` (the sum
+    over all calibration tokens, as the paper's and Wanda's ``||X_j||``).
+    """
+    norms = input_sq_norms.float().sqrt().to(weight.device)[None, :]
+    if grad_rms is None or alpha == 0:
+        return weight.detach().float().abs() * norms
+    if grad_rms.shape != weight.shape:
+        raise ValueError(f"gradient of shape {tuple(grad_rms.shape)} does not match weight {tuple(weight.shape)}")
+    return (alpha * grad_rms.float().to(weight.device) + norms) * weight.detach().float().abs()

@@ -121,7 +121,7 @@ def apply_magnitude(ctx: Any, cfg: MagnitudeConfig) -> StageResult:
     return StageResult(metrics=sparsity_metrics(targets, ctx.layers_prefix, pattern))
 
 
-def _layer_progress(ctx: Any, total: int, label: str) -> Callable[[int, int], None]:
+def layer_progress(ctx: Any, total: int, label: str) -> Callable[[int, int], None]:
     """A ``progress(done, total)`` callback for run_layerwise, drawn through ``ctx.progress_iter``."""
     bar = iter(ctx.progress_iter(list(range(total)), label))
     next(bar, None)
@@ -135,25 +135,34 @@ def _layer_progress(ctx: Any, total: int, label: str) -> Callable[[int, int], No
     return report
 
 
+def layer_groups(lctx: Any, targets: dict[str, nn.Linear]) -> list[list[str]]:
+    """This layer's target linears (names relative to the layer) in groups that share one input."""
+    names = {rel for rel in lctx.linears() if f"{lctx.name}.{rel}" in targets}
+    groups = [[n for n in group if n in names] for group in lctx.arch.linear_groups]
+    return [g for g in groups if g]
+
+
+def input_sq_norms(lctx: Any, groups: list[list[str]]) -> dict[str, torch.Tensor]:
+    """Per-linear ``sum_t x_j**2`` over every calibration token, by one pass through the (dense) layer;
+    the linears of a group share their input (q, k, v), (gate, up)."""
+    norms: dict[str, torch.Tensor] = {}
+
+    def add(name: str, x: torch.Tensor) -> None:  # x: [tokens, in_features], one sample
+        norms[name] = accumulate_sq_norms(norms.get(name), x)
+
+    lctx.collect_inputs([g[0] for g in groups], add)
+    return {rel: norms[group[0]] for group in groups for rel in group}
+
+
 def wanda_layer_fn(targets: dict[str, nn.Linear], pattern: SparsityPattern) -> Callable[[Any], None]:
     """``on_layer`` for run_layerwise: Wanda on one decoder layer (official code's order)."""
 
     def on_layer(lctx: Any) -> None:
-        names = {rel for rel in lctx.linears() if f"{lctx.name}.{rel}" in targets}
-        groups = [[n for n in group if n in names] for group in lctx.arch.linear_groups]
-        groups = [g for g in groups if g]
-        norms: dict[str, torch.Tensor] = {}
-
-        def add(name: str, x: torch.Tensor) -> None:  # x: [tokens, in_features], one sample
-            norms[name] = accumulate_sq_norms(norms.get(name), x)
-
-        # One pass through the dense layer; linears of a group share their input (q, k, v), (gate, up).
-        lctx.collect_inputs([g[0] for g in groups], add)
+        norms = input_sq_norms(lctx, layer_groups(lctx, targets))
         with torch.no_grad():
-            for group in groups:
-                for rel in group:
-                    lin = lctx.layer.get_submodule(rel)
-                    prune_linear_(lin, wanda_scores(lin.weight.data, norms[group[0]]), pattern)
+            for rel, sq in norms.items():
+                lin = lctx.layer.get_submodule(rel)
+                prune_linear_(lin, wanda_scores(lin.weight.data, sq), pattern)
 
     return on_layer
 
@@ -170,7 +179,7 @@ def apply_wanda(ctx: Any, cfg: WandaConfig) -> StageResult:
     fingerprint = make_fingerprint(ctx.model, ids, {"method": "wanda", **dataclasses.asdict(cfg)})
     result = run_layerwise(
         ctx.model, ids, wanda_layer_fn(targets, pattern), device=ctx.device, state_dir=state_dir,
-        resume=ctx.resume, fingerprint=fingerprint, progress=_layer_progress(ctx, num_layers, "wanda"),
+        resume=ctx.resume, fingerprint=fingerprint, progress=layer_progress(ctx, num_layers, "wanda"),
         arch=ctx.arch,
     )
     metrics = sparsity_metrics(targets, ctx.layers_prefix, pattern)

@@ -6,6 +6,13 @@ Grid per (output row, group of ``group_size`` input columns):
   as GGUF Q4_1's and lose accuracy);
 - symmetric: GPTQ's convention, ``scale = 2 * absmax / (2**bits - 1)``, ``zero = 2**(bits - 1)``.
 ``W_hat = (code - zero) * scale``. The last group may be shorter than ``group_size`` (K=576, g=128).
+
+Exact zeros (pruned weights, e.g. Wanda's 2:4) stay exact zeros with ``keep_zeros``: an asymmetric
+group that holds an exact zero gets its zero point rounded to an integer code, so 0 lies on its grid
+and quantizes to ``code == zero`` (dequantized ``(zero - zero) * scale = 0`` exactly); the symmetric
+zero point ``2**(bits - 1)`` is an integer already. Groups without exact zeros keep the float zero
+point, so the dense path is unchanged (a Q4_1 group that contains a 0 has an integral zero point
+already, so the demo model stays lossless at int4 asym g32).
 Statistics are rounded to their storage dtype *before* the codes are chosen, so the stored
 checkpoint reproduces exactly the weights this function returns.
 """
@@ -30,9 +37,11 @@ def _grouped(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def fit_grid(
-    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, stats_dtype: torch.dtype = torch.float16
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, stats_dtype: torch.dtype = torch.float16,
+    keep_zeros: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales and zeros [N, G] (in ``stats_dtype``) for weight [N, K]."""
+    """Scales and zeros [N, G] (in ``stats_dtype``) for weight [N, K]; ``keep_zeros``: integer zero
+    points in the asymmetric groups that hold an exact zero (module docstring)."""
     maxq = (1 << bits) - 1
     wp, valid = _grouped(w.float(), group_size)
     xmin = torch.where(valid, wp, torch.inf).amin(-1)  # [N, G]
@@ -45,7 +54,11 @@ def fit_grid(
     tiny = torch.finfo(stats_dtype).tiny
     scale = torch.where(scale > tiny, scale, torch.ones_like(scale)).to(stats_dtype)
     if not symmetric:
-        zero = (-xmin / scale.float()).to(stats_dtype)
+        zero = -xmin / scale.float()
+        if keep_zeros:
+            has_zero = ((wp == 0) & valid).any(-1)  # [N, G]; such a group has xmin <= 0 <= xmax
+            zero = torch.where(has_zero, zero.round().clamp(0, maxq), zero)
+        zero = zero.to(stats_dtype)
     return scale, zero.to(stats_dtype)
 
 
@@ -66,15 +79,24 @@ def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 
 
 def quantize_rtn(
-    w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, stats_dtype: torch.dtype = torch.float16
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, stats_dtype: torch.dtype = torch.float16,
+    keep_zeros: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes [N, K] uint8, scales and zeros [N, G]. ``group_size`` <= 0 means one group per row."""
+    """Codes [N, K] uint8, scales and zeros [N, G]. ``group_size`` <= 0 means one group per row.
+
+    With ``keep_zeros`` (the default) every exact zero of ``w`` dequantizes to an exact zero.
+    """
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be in 2..8, got {bits}")
     if group_size <= 0 or group_size > w.shape[1]:
         group_size = w.shape[1]
-    scales, zeros = fit_grid(w, bits, group_size, symmetric, stats_dtype)
-    return quantize_to_codes(w, scales, zeros, bits, group_size), scales, zeros
+    scales, zeros = fit_grid(w, bits, group_size, symmetric, stats_dtype, keep_zeros=keep_zeros)
+    codes = quantize_to_codes(w, scales, zeros, bits, group_size)
+    if keep_zeros:
+        gidx = torch.arange(w.shape[1], device=w.device) // group_size
+        zero_codes = zeros.float()[:, gidx].round().to(torch.uint8)  # integral wherever w == 0
+        codes = torch.where(w == 0, zero_codes, codes)
+    return codes, scales, zeros
 
 
 def average_bits(bits: int, group_size: int, in_features: int, stats_dtype: torch.dtype) -> float:

@@ -35,7 +35,7 @@ class RTNConfig:
 def apply_rtn(ctx: Any, cfg: RTNConfig) -> StageResult:
     """Quantize every target linear to RTN codes and swap in :class:`RTNLinear` modules."""
     targets = target_linears(ctx.model, ctx.layers_prefix, cfg.ignore)
-    stored = weights = 0
+    stored = weights = zeros_in = zeros_kept = 0
     sq_err = sq_ref = 0.0
     for name, lin in ctx.progress_iter(list(targets.items()), "rtn"):
         q = RTNLinear.from_linear(lin, cfg.bits, cfg.group_size, cfg.symmetric, cfg.stats_dtype)
@@ -44,6 +44,8 @@ def apply_rtn(ctx: Any, cfg: RTNConfig) -> StageResult:
         sq_err += float((w - w_hat).pow(2).sum())
         sq_ref += float(w.pow(2).sum())
         stored += q.storage_bits()
+        zeros_in += int((w == 0).sum())  # pruned weights (e.g. wanda): rtn keeps them exact zeros
+        zeros_kept += int(((w == 0) & (w_hat == 0)).sum())
         weights += w.numel()
         replace_module(ctx.model, name, q.to(lin.weight.device))
         ctx.record_module(name, q.spec())
@@ -52,6 +54,8 @@ def apply_rtn(ctx: Any, cfg: RTNConfig) -> StageResult:
             "quantized_modules": len(targets),
             "avg_bits": stored / max(weights, 1),
             "weight_rel_error": (sq_err / max(sq_ref, 1e-30)) ** 0.5,
+            "input_exact_zeros": zeros_in,
+            "exact_zeros_kept": zeros_kept,
         }
     )
 

@@ -1,0 +1,120 @@
+"""``effllm eval-passkey``: passkey retrieval accuracy over context lengths and needle depths.
+
+Each trial is a prompt of exactly ``length`` tokens: real text (the haystack) with one needle
+"The special magic number for <key> is <7 digits>." at ``depth`` (0 = start, 1 = end), ending with
+the question "... The special magic number for <key> is". The model decodes greedily; a trial is
+correct when the first run of digits it writes equals the needle's number. The same document builder
+(``effllm_tools.data.needles``) makes LongRoPE2's needle-driven search documents.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from typing import Any
+
+import torch
+
+from effllm_tools.data.needles import Haystack, PasskeyPrompt, load_haystack, passkey_prompt
+from effllm_tools.errors import BadInputError
+from effllm_tools.reporting import Reporter
+
+DEFAULT_HAYSTACK = "austen-persuasion"
+
+
+@torch.inference_mode()
+def greedy_decode(model: Any, ids: torch.Tensor, max_new_tokens: int, device: Any) -> list[int]:
+    """Greedy continuation of ``ids`` [L] with the KV cache; returns the new token ids."""
+    x = ids[None].to(device)
+    try:
+        out = model(input_ids=x, use_cache=True, logits_to_keep=1)
+    except TypeError:
+        out = model(input_ids=x, use_cache=True)
+    tokens: list[int] = []
+    for step in range(max_new_tokens):
+        nxt = out.logits[0, -1].argmax()
+        tokens.append(int(nxt))
+        if step + 1 < max_new_tokens:
+            out = model(input_ids=nxt.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
+    return tokens
+
+
+def judge(text: str, answer: str) -> bool:
+    """Correct when the first run of digits in the model's continuation is the passkey."""
+    found = re.search(r"\d+", text)
+    return bool(found) and found.group(0) == answer
+
+
+def passkey_trials(model: Any, hay: Haystack, *, lengths: list[int], depths: list[float], trials: int, seed: int,
+                   device: Any, reporter: Reporter | None = None) -> list[dict[str, Any]]:
+    """Run every (length, depth, trial) and return one record per trial."""
+    reporter = reporter or Reporter()
+    rng = random.Random(seed)
+    plan = [(n, d, t) for n in lengths for d in depths for t in range(trials)]
+    records = []
+    for length, depth, _ in reporter.progress_iter(plan, "eval-passkey", total=len(plan)):
+        prompt: PasskeyPrompt = passkey_prompt(hay, length, depth, rng)
+        budget = len(hay.encode(" " + prompt.answer)) + 3
+        new = greedy_decode(model, prompt.input_ids, budget, device)
+        text = hay.tokenizer.decode(new)
+        records.append({"length": length, "depth": depth, "answer": prompt.answer, "output": text,
+                        "needle_position": prompt.position, "correct": judge(text, prompt.answer)})
+    return records
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy overall, per length, and per (length, depth)."""
+    def acc(rs: list[dict[str, Any]]) -> float:
+        return sum(r["correct"] for r in rs) / len(rs) if rs else 0.0
+
+    lengths = sorted({r["length"] for r in records})
+    by_length = {str(n): acc([r for r in records if r["length"] == n]) for n in lengths}
+    by_depth = {str(n): {str(d): acc([r for r in records if r["length"] == n and r["depth"] == d])
+                         for d in sorted({r["depth"] for r in records if r["length"] == n})} for n in lengths}
+    return {"accuracy": acc(records), "accuracy_by_length": by_length, "accuracy_by_length_depth": by_depth,
+            "trials": len(records)}
+
+
+def parse_list(text: str, kind: type, what: str) -> list:
+    try:
+        values = [kind(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise BadInputError(f"--{what} {text!r}: expected a comma-separated list of numbers") from None
+    if not values:
+        raise BadInputError(f"--{what}: empty list")
+    return values
+
+
+def run_eval_passkey(model: str, *, lengths: list[int], depths: list[float], trials: int = 5,
+                     dataset: str = DEFAULT_HAYSTACK, device: str = "auto", dtype: str = "auto", seed: int = 0,
+                     allow_beyond_max: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
+    from effllm_tools.io.load import load_model
+    from effllm_tools.runner import resolve_device, seed_everything
+
+    if trials < 1:
+        raise BadInputError(f"--trials must be at least 1, got {trials}")
+    if any(n < 64 for n in lengths):
+        raise BadInputError(f"--lengths: every length must be at least 64 tokens, got {min(lengths)}")
+    if any(not 0.0 <= d <= 1.0 for d in depths):
+        raise BadInputError("--depths: every depth must lie in [0, 1]")
+    device = resolve_device(device)
+    seed_everything(seed)
+    t0 = time.perf_counter()
+    loaded = load_model(model, device=device, dtype=None if dtype == "auto" else dtype)
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if limit is not None and max(lengths) > limit and not allow_beyond_max:
+        raise BadInputError(f"--lengths {max(lengths)} exceeds the model's limit of {limit} tokens "
+                            "(max_position_embeddings); pass --allow-beyond-max to measure it anyway")
+    hay = load_haystack(loaded.tokenizer, dataset)
+    t_load = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    records = passkey_trials(loaded.model, hay, lengths=lengths, depths=depths, trials=trials, seed=seed,
+                             device=device, reporter=reporter)
+    t_eval = time.perf_counter() - t1
+    settings = {"model": model, "dataset": dataset, "text_sha256": hay.meta.get("text_sha256"), "lengths": lengths,
+                "depths": depths, "trials_per_cell": trials, "seed": seed, "device": device,
+                "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+                "max_position_embeddings": limit, "allow_beyond_max": allow_beyond_max, "decoding": "greedy"}
+    return {"metrics": summarize(records), "settings": settings, "timings": {"load_s": t_load, "eval_s": t_eval},
+            "records": records}

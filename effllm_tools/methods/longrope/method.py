@@ -1,0 +1,266 @@
+"""Glue for ``longrope2``, ``longrope`` and the ``pi`` / ``ntk`` / ``yarn`` baselines.
+
+All five write config-only checkpoints: the weights are unchanged (unless ``finetune_tokens`` > 0),
+``max_position_embeddings`` becomes the target length and the RoPE parameters are ones plain
+transformers understands:
+
+- ``pi`` (arXiv 2306.15595): type ``linear``, factor ``s``;
+- ``ntk``: static NTK-aware base change, written as ``longrope`` with short = long factors
+  ``s^{2i/(d-2)}`` and attention factor 1 (exact; transformers' only NTK type is the dynamic one);
+- ``yarn`` (arXiv 2309.00071): type ``yarn``, factor ``s``, beta_fast 32, beta_slow 1;
+- ``longrope`` (v1, arXiv 2402.13753) and ``longrope2`` (arXiv 2502.20082): type ``longrope`` with the
+  searched long factors, short factors of one and the attention factor the search used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from effllm_tools.errors import BadInputError, UnsupportedError
+from effllm_tools.methods.longrope import rope
+from effllm_tools.methods.longrope.install import check_plain_rope, rotary_slots
+from effllm_tools.registry import MethodSpec, StageResult, register_method
+
+
+@dataclass
+class ScalingConfig:
+    """Recipe keys of ``pi`` and ``ntk``."""
+
+    target_length: int | None = None  # the new context window in tokens
+    original_length: int | None = None  # default: the model's max_position_embeddings
+
+    def validate(self) -> None:
+        if self.target_length is None:
+            raise BadInputError("target_length is required (e.g. --target-length 32768)")
+        if self.target_length < 2:
+            raise BadInputError(f"target_length must be a positive token count, got {self.target_length}")
+        if self.original_length is not None and self.original_length < 2:
+            raise BadInputError(f"original_length must be a positive token count, got {self.original_length}")
+
+
+@dataclass
+class YarnConfig(ScalingConfig):
+    """Recipe keys of ``yarn``."""
+
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+
+
+@dataclass
+class SearchConfig(ScalingConfig):
+    """Recipe keys of ``longrope`` (v1); defaults from the official ``dim_mono.json``."""
+
+    population: int = 64
+    iterations: int = 40
+    mutations: int = 16
+    crossovers: int = 16
+    parents: int = 32
+    step: float = 0.01
+    mutation_prob: float = 0.3
+    max_crossover_tries: int = 20
+    factor_cap: float = 2.0  # searched factors stay <= factor_cap * s
+    mscale: str | float = "su"  # attention factor: su (transformers' longrope rule), yarn, none, or a number
+    dataset: str = "austen-emma"  # haystack text of the search documents (disjoint from the PPL eval novel)
+    samples: int = 4  # documents per candidate evaluation
+    eval_length: int | None = None  # tokens per search document (default: target_length)
+    finetune_tokens: int = 0  # > 0: mixed context-window fine-tuning after the search
+    finetune_lr: float = 2e-5
+    finetune_short_fraction: float = 0.3
+
+    def validate(self) -> None:
+        super().validate()
+        positive = ("population", "mutations", "crossovers", "parents", "samples", "max_crossover_tries")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise BadInputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.iterations < 0 or self.finetune_tokens < 0:
+            raise BadInputError("iterations and finetune_tokens must not be negative")
+        if self.parents > self.population:
+            raise BadInputError(f"parents ({self.parents}) must not exceed population ({self.population})")
+        if not 0 < self.step <= 1 or not 0 < self.mutation_prob <= 1 or self.factor_cap < 1:
+            raise BadInputError("step and mutation_prob must lie in (0, 1], factor_cap must be >= 1")
+        if not 0 <= self.finetune_short_fraction <= 1 or self.finetune_lr <= 0:
+            raise BadInputError("finetune_short_fraction must lie in [0, 1] and finetune_lr be positive")
+        try:
+            rope.resolve_mscale(self.mscale, 2.0, 4096)
+        except ValueError as err:
+            raise BadInputError(str(err)) from None
+
+
+@dataclass
+class LongRoPE2Config(SearchConfig):
+    """Recipe keys of ``longrope2``: v1's plus the needle objective and the critical-dimension range."""
+
+    needles: int = 3  # needles per search document
+    critical_dim_range: int = 4  # the real critical dimension is searched this many pairs below theory
+
+    def validate(self) -> None:
+        super().validate()
+        if self.needles < 1 or self.critical_dim_range < 0:
+            raise BadInputError("needles must be >= 1 and critical_dim_range >= 0")
+
+
+def lengths(ctx: Any, cfg: ScalingConfig) -> tuple[int, int, float]:
+    """(original, target, s); target <= original is bad input (exit 2)."""
+    original = cfg.original_length or getattr(ctx.model.config, "max_position_embeddings", None)
+    if not original:
+        raise BadInputError("the model config has no max_position_embeddings; set original_length")
+    target = int(cfg.target_length or 0)
+    if target <= original:
+        raise BadInputError(f"target_length {target} must exceed the original context of {original} tokens")
+    return int(original), target, target / original
+
+
+def rebuild_rotary(model: Any) -> None:
+    """Re-create the rotary module from the (new) config so the in-memory model matches the written one."""
+    from effllm_tools.pipeline.arch import get_arch
+
+    arch = get_arch(model)
+    module = rotary_slots(model)[0][0]
+    device = next((b.device for b in module.buffers()), None)
+    parent_name, _, child = arch.rotary_emb.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    fresh = type(module)(config=model.config)
+    setattr(parent, child, fresh.to(device) if device is not None else fresh)
+
+
+def _finish(ctx: Any, params: dict[str, Any], target: int, metrics: dict[str, Any]) -> StageResult:
+    rope.write_rope_config(ctx.model.config, params, target)
+    rebuild_rotary(ctx.model)
+    shown = {k: v for k, v in params.items() if k not in ("long_factor", "short_factor")}
+    return StageResult(metrics={"rope_type": params["rope_type"], "rope_parameters": shown,
+                                "max_position_embeddings": target, **metrics})
+
+
+def apply_pi(ctx: Any, cfg: ScalingConfig) -> StageResult:
+    check_plain_rope(ctx.model)
+    original, target, s = lengths(ctx, cfg)
+    base, _ = rope.rope_base_and_dim(ctx.model.config)
+    params = {"rope_type": "linear", "rope_theta": base, "factor": s}
+    return _finish(ctx, params, target, {"scale": s, "original_length": original, "attention_factor": 1.0})
+
+
+def apply_ntk(ctx: Any, cfg: ScalingConfig) -> StageResult:
+    check_plain_rope(ctx.model)
+    original, target, s = lengths(ctx, cfg)
+    base, dim = rope.rope_base_and_dim(ctx.model.config)
+    factors = rope.ntk_factors(s, dim)
+    params = rope.longrope_parameters(base, factors, original, target, 1.0)
+    params["short_factor"] = list(factors)  # static NTK: the same frequencies at every length
+    return _finish(ctx, params, target, {"scale": s, "original_length": original, "attention_factor": 1.0,
+                                         "long_factor": factors})
+
+
+def apply_yarn(ctx: Any, cfg: YarnConfig) -> StageResult:
+    check_plain_rope(ctx.model)
+    original, target, s = lengths(ctx, cfg)
+    base, _ = rope.rope_base_and_dim(ctx.model.config)
+    params = {"rope_type": "yarn", "rope_theta": base, "factor": s, "original_max_position_embeddings": original,
+              "beta_fast": cfg.beta_fast, "beta_slow": cfg.beta_slow}
+    return _finish(ctx, params, target, {"scale": s, "original_length": original,
+                                         "attention_factor": rope.yarn_mscale(s)})
+
+
+def search_space(cfg: SearchConfig, *, v2: bool, base: float, dim: int, original: int, s: float
+                 ) -> tuple[Any, tuple[int, tuple[int, ...]], int]:
+    """The search grid, the initial candidate and the theoretical critical dimension."""
+    from effllm_tools.methods.longrope.search import SearchSpace
+
+    n = dim // 2
+    tcd = min(rope.critical_dim(base, dim, original), n - 1)
+    kmax = max(1, round(cfg.factor_cap * s / cfg.step))
+    if v2:  # LongRoPE2 §3.2: λ >= s at and above the real critical dimension, searched in [tcd - r, tcd]
+        kmin = math.ceil(s / cfg.step - 1e-9)
+        space = SearchSpace(n, cfg.step, kmin, max(kmin, kmax), max(1, tcd - cfg.critical_dim_range), tcd)
+        init = (tcd, tuple([0] * tcd + [kmin] * (n - tcd)))  # YaRN-like start: s at and above tcd, NTK below
+    else:  # v1: every pair searched from 1, starting from static NTK
+        space = SearchSpace(n, cfg.step, round(1 / cfg.step), kmax, 0, 0)
+        init = (0, tuple(space.snap(rope.ntk_factors(s, dim))))
+    return space, init, tcd
+
+
+def _fingerprint(ctx: Any, cfg: SearchConfig, method: str) -> str:
+    payload = {"method": method, "config": dataclasses.asdict(cfg), "seed": ctx.recipe.seed,
+               "model": ctx.recipe.model, "dtype": str(next(ctx.model.parameters()).dtype), "device": ctx.device}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_search(ctx: Any, cfg: SearchConfig, *, v2: bool) -> StageResult:
+    """LongRoPE v1 / LongRoPE2: evolutionary search, optional fine-tuning, config write."""
+    from effllm_tools.data.needles import load_haystack
+    from effllm_tools.methods.longrope.objective import make_objective
+    from effllm_tools.methods.longrope.search import Evolution, SearchSettings
+
+    method = "longrope2" if v2 else "longrope"
+    check_plain_rope(ctx.model)
+    original, target, s = lengths(ctx, cfg)
+    base, dim = rope.rope_base_and_dim(ctx.model.config)
+    mscale = rope.resolve_mscale(cfg.mscale, s, original)
+    space, init, tcd = search_space(cfg, v2=v2, base=base, dim=dim, original=original, s=s)
+    length = cfg.eval_length or target
+    if length <= original:
+        raise BadInputError(f"eval_length {length} must exceed the original context {original} (long factors)")
+    if ctx.tokenizer is None:
+        raise UnsupportedError("context-extension search needs the model's tokenizer to build documents")
+    hay = load_haystack(ctx.tokenizer, cfg.dataset)
+    ctx.model.to(ctx.device).eval()
+    objective, data_meta = make_objective(ctx.model, hay, kind="needle" if v2 else "ppl", length=length,
+                                          samples=cfg.samples, needles=getattr(cfg, "needles", 0), mscale=mscale,
+                                          seed=ctx.recipe.seed, device=ctx.device)
+    settings = SearchSettings(cfg.population, cfg.iterations, cfg.mutations, cfg.crossovers, cfg.parents,
+                              cfg.mutation_prob, cfg.max_crossover_tries)
+    state = ctx.state_dir / method / "search.json" if ctx.state_dir is not None else None
+    evo = Evolution(space, objective, settings, ctx.recipe.seed, state, _fingerprint(ctx, cfg, method))
+    t0 = time.perf_counter()
+    result = evo.run(init, resume=ctx.resume,
+                     progress=lambda steps, total: ctx.reporter.progress_iter(steps, f"{method} search", total=total))
+    search_s = time.perf_counter() - t0
+    ctx.reporter.info(f"{method}: best objective {result.objective:.4f} (ppl {math.exp(result.objective):.3f}) "
+                      f"after {result.evaluations} evaluations, {search_s:.1f} s")
+    metrics: dict[str, Any] = {
+        "scale": s, "original_length": original, "attention_factor": mscale, "long_factor": result.factors,
+        "theoretical_critical_dim": tcd, "critical_dim": result.rcd if v2 else None,
+        "search_objective": result.objective, "search_ppl": math.exp(result.objective),
+        "initial_objective": result.curve[0] if result.curve else None,
+        "search_curve": result.curve, "search_curve_ppl": [math.exp(v) for v in result.curve],
+        "search_evaluations": result.evaluations, "search_s": search_s, "search_resumed_from": result.resumed_from,
+        "search_data": data_meta,
+    }
+    if cfg.finetune_tokens > 0:
+        from effllm_tools.methods.longrope.finetune import mixed_window_finetune
+
+        metrics.update(mixed_window_finetune(
+            ctx.model, hay, long_factors=result.factors, mscale=mscale, short_len=original, long_len=length,
+            tokens=cfg.finetune_tokens, lr=cfg.finetune_lr, short_fraction=cfg.finetune_short_fraction,
+            seed=ctx.recipe.seed, device=ctx.device, reporter=ctx.reporter))
+    ctx.model.to("cpu")
+    params = rope.longrope_parameters(base, result.factors, original, target, mscale)
+    return _finish(ctx, params, target, metrics)
+
+
+def apply_longrope(ctx: Any, cfg: SearchConfig) -> StageResult:
+    return run_search(ctx, cfg, v2=False)
+
+
+def apply_longrope2(ctx: Any, cfg: LongRoPE2Config) -> StageResult:
+    return run_search(ctx, cfg, v2=True)
+
+
+_SPECS = (
+    ("longrope2", "LongRoPE2: needle-driven evolutionary search of per-dimension RoPE factors",
+     LongRoPE2Config, apply_longrope2, "arXiv 2502.20082"),
+    ("longrope", "LongRoPE v1: evolutionary search of RoPE factors on long-document perplexity",
+     SearchConfig, apply_longrope, "arXiv 2402.13753"),
+    ("pi", "position interpolation (linear RoPE scaling)", ScalingConfig, apply_pi, "arXiv 2306.15595"),
+    ("ntk", "static NTK-aware RoPE base scaling (written as longrope factors)", ScalingConfig, apply_ntk, ""),
+    ("yarn", "YaRN RoPE scaling (beta_fast 32, beta_slow 1)", YarnConfig, apply_yarn, "arXiv 2309.00071"),
+)
+for _name, _summary, _config, _apply, _paper in _SPECS:
+    register_method(MethodSpec(_name, "extend-context", "extend-context", _summary, config=_config, apply=_apply,
+                               paper=_paper))

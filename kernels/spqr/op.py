@@ -1,0 +1,56 @@
+"""``torch.ops.effllm.spqr_linear``: the spqr linear layer as a torch custom op.
+
+Registered with a fake (meta) implementation so that ``torch.compile`` traces through it with
+``fullgraph=True`` and CUDA graphs (``mode="reduce-overhead"``, transformers' static-cache
+``generate``) capture the Triton launch: eager decode pays ~40-60 us of host dispatch per launch,
+a replayed graph none. The op takes the flattened :class:`SpqrTensors` fields; its body is the
+dispatcher (``effllm_kernels.spqr._dispatch``), so ``EFFLLM_KERNELS`` still decides per call.
+Registering needs torch only: no triton import, no CUDA initialisation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from effllm_kernels.spqr.layout import SpqrTensors
+
+OP_NAME = "effllm::spqr_linear"
+META_FIELDS = SpqrTensors.INT_FIELDS  # in_features, out_features, bits, group_size, stat_bits, stat_group
+
+
+def tensors_from_args(qweight: torch.Tensor, scale_q: torch.Tensor, zero_q: torch.Tensor,
+                      scale_stats: torch.Tensor | None, zero_stats: torch.Tensor | None,
+                      outlier_rowptr: torch.Tensor, outlier_col: torch.Tensor, outlier_val: torch.Tensor,
+                      perm: torch.Tensor | None, meta: list[int]) -> SpqrTensors:
+    """Rebuild the :class:`SpqrTensors` of one op call (no validation: the caller's object was valid)."""
+    return SpqrTensors(**dict(zip(META_FIELDS, meta, strict=True)), qweight=qweight, scale_q=scale_q,
+                       zero_q=zero_q, scale_stats=scale_stats, zero_stats=zero_stats,
+                       outlier_rowptr=outlier_rowptr, outlier_col=outlier_col, outlier_val=outlier_val,
+                       perm=perm)
+
+
+def op_args(t: SpqrTensors) -> tuple:
+    """The op's arguments after ``x`` and before ``bias`` ... ``meta`` for one layer."""
+    return (t.qweight, t.scale_q, t.zero_q, t.scale_stats, t.zero_stats, t.outlier_rowptr, t.outlier_col,
+            t.outlier_val, t.perm)
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=())
+def spqr_linear_op(
+    x: torch.Tensor, qweight: torch.Tensor, scale_q: torch.Tensor, zero_q: torch.Tensor,
+    scale_stats: torch.Tensor | None, zero_stats: torch.Tensor | None, outlier_rowptr: torch.Tensor,
+    outlier_col: torch.Tensor, outlier_val: torch.Tensor, perm: torch.Tensor | None,
+    bias: torch.Tensor | None, meta: list[int],
+) -> torch.Tensor:
+    """x [..., K] -> [..., N] (see :func:`effllm_kernels.spqr.spqr_linear`)."""
+    from effllm_kernels.spqr import _dispatch
+
+    t = tensors_from_args(qweight, scale_q, zero_q, scale_stats, zero_stats, outlier_rowptr, outlier_col,
+                          outlier_val, perm, meta)
+    return _dispatch(x, t, bias)
+
+
+@spqr_linear_op.register_fake
+def _(x, qweight, scale_q, zero_q, scale_stats, zero_stats, outlier_rowptr, outlier_col, outlier_val, perm,
+      bias, meta):
+    return x.new_empty(*x.shape[:-1], meta[1])

@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""End-to-end batch-1 decode speed of a Llama-3-8B-shaped model: bf16 versus SpQR-packed.
+
+The model (hidden 4096, MLP 14336, 32 heads, 8 KV heads, 32 layers, vocab 128256) is built directly
+on the GPU in bf16 with random weights (no calibration). The SpQR model is the same model with
+every decoder linear swapped for :class:`SpqrLinear`, a random 3/3/16/16 layer with ~1% outliers
+and an act-order permutation (``effllm_kernels.spqr.testing``), calling ``spqr_linear``; the bf16
+weights are freed. Both run through transformers ``generate`` (greedy, a fixed number of new
+tokens): ``compiled`` = static cache, which makes ``generate`` torch.compile the decode step
+(mode reduce-overhead: CUDA graphs), and ``eager`` = the default dynamic cache. Reports tokens/s
+(new tokens / wall time of the timed generate call, prefill of the short prompt included; the
+first call, with compilation, is a warm-up), the weights' memory and the peak memory.
+
+    python scripts/bench_spqr_decode.py [--new-tokens 128] [--modes eager,compiled] [--layers 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import time
+
+import torch
+import transformers
+import triton
+from torch import nn
+
+from effllm_kernels.spqr import SpqrTensors, spqr_linear
+from effllm_kernels.spqr.testing import random_spqr_tensors
+
+
+class SpqrLinear(nn.Module):
+    """A bias-free linear layer stored in the spqr format, run by ``spqr_linear``."""
+
+    def __init__(self, t: SpqrTensors) -> None:
+        super().__init__()
+        self.in_features, self.out_features = t.in_features, t.out_features
+        for name, v in t.tensors().items():
+            self.register_buffer(name, v)
+        self.t = t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return spqr_linear(x, self.t)
+
+
+def build_model(layers: int) -> nn.Module:
+    cfg = transformers.LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+        num_hidden_layers=layers, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+    )
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    model.eval().requires_grad_(False)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def to_spqr(model: nn.Module, outliers: float) -> int:
+    """Swap every decoder nn.Linear for a random SpqrLinear of its shape; returns the count."""
+    swapped = 0
+    for li, layer in enumerate(model.model.layers):
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    t = random_spqr_tensors(child.out_features, child.in_features, 3, 16, 3, 16, outliers, True,
+                                            seed=1000 * li + swapped, device="cuda")
+                    setattr(parent, name, SpqrLinear(t))
+                    swapped += 1
+    torch.cuda.empty_cache()
+    return swapped
+
+
+def timed_generate(model: nn.Module, ids: torch.Tensor, new: int, mode: str) -> float:
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    if mode == "compiled":
+        kw["cache_implementation"] = "static"
+    model.generate(ids, **kw)  # warm-up (compilation and graph capture for "compiled")
+    if mode == "compiled":
+        model.generate(ids, **kw)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = model.generate(ids, **kw)
+    torch.cuda.synchronize()
+    assert out.shape[1] == ids.shape[1] + new
+    return new / (time.perf_counter() - t0)
+
+
+def run(model: nn.Module, label: str, args: argparse.Namespace, rows: list[str]) -> None:
+    weights = torch.cuda.memory_allocated() / 2**30
+    ids = torch.randint(0, 128256, (1, args.prompt), device="cuda")
+    for mode in args.modes.split(","):
+        torch.cuda.reset_peak_memory_stats()
+        tps = timed_generate(model, ids, args.new_tokens if mode == "compiled" else args.eager_tokens, mode)
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        rows.append(f"| {label} | {mode} | {tps:.1f} | {1000 / tps:.2f} | {weights:.2f} | {peak:.2f} |")
+        print(rows[-1], flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--eager-tokens", type=int, default=32)
+    ap.add_argument("--modes", default="eager,compiled")
+    ap.add_argument("--outliers", type=float, default=0.01)
+    args = ap.parse_args()
+    props = torch.cuda.get_device_properties(0)
+    head = (f"- GPU: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton "
+            f"{triton.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}\n"
+            f"- date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; Llama-3-8B shape, "
+            f"{args.layers} layers, random bf16 weights; batch 1, prompt {args.prompt}, "
+            f"{args.new_tokens} new tokens compiled / {args.eager_tokens} eager, greedy\n")
+    print(head, flush=True)
+    rows: list[str] = []
+    model = build_model(args.layers)
+    run(model, "bf16", args, rows)
+    for attr in ("_cache", "_compiled_call"):  # the bf16 run's static cache and compiled step
+        if hasattr(model, attr):
+            delattr(model, attr)
+    torch._dynamo.reset()
+    n = to_spqr(model, args.outliers)
+    run(model, f"SpQR 3/3/16/16, {args.outliers:.0%} outliers ({n} linears)", args, rows)
+    text = head + "\n| model | generate | tokens/s | ms/token | memory after load GiB | peak GiB |\n" \
+        "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    print("\n" + text)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "bench_spqr_decode.md"), "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+#!/usr/bin/env python
+"""Benchmark the ``spqr`` Triton linear layer against bf16 ``F.linear`` on one CUDA GPU.
+
+Protocol (scripts/README.md, the same harness as bench_rtn_matmul.py; research/performance.md §6):
+each case is checked first against an fp64 reference on fresh inputs (kernel error vs torch-bf16
+error, "ok" within 2x); then CUDA-graph replay over rotated copies of every input (random SpqrTensors:
+codes, statistics, outliers, permutation; activations; bf16 weights for the baseline) totalling
+>= ``--rotate-mb`` (default 480 MB, 8x the 60 MB L2), median of 20 replays, twice; do_bench (L2
+flushed, eager launch) and the eager per-call latency as secondary numbers. TB/s counts the stored
+bytes of the SpQR layer (codes, statistics, outliers, permutation, row pointers) plus x and y.
+
+    python scripts/bench_spqr_matmul.py               # 3-bit/3-bit stats/16/16/1% outliers, + a 4-bit row
+    python scripts/bench_spqr_matmul.py --sweep       # also time the candidate configurations (tuning)
+
+With ``--sweep`` every candidate of :func:`sweep_configs` is first compiled and checked in parallel
+worker processes (``--workers``; Triton's disk cache then serves the timing process), then each is
+checked and timed (quick graph replay) per case; the table row of a case times its fastest
+candidate (named in the config column), which is what ``launch.pick_config`` should encode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+from dataclasses import replace
+
+import torch
+import triton
+from bench_rtn_matmul import CEILING_TBS, Timing, copies_for, eager_us, graph_medians, header
+
+from effllm_kernels.spqr import SpqrTensors, spqr_linear_reference
+from effllm_kernels.spqr.launch import KernelConfig, pick_config, spqr_matmul_triton, with_split
+from effllm_kernels.spqr.testing import random_spqr_tensors
+
+
+def check_case(t: SpqrTensors, m: int, dtype: torch.dtype, config: KernelConfig | None) -> tuple[float, float]:
+    """(kernel error, torch-in-dtype error) relative to an fp64 reference, on fresh inputs."""
+    x = torch.randn(m, t.in_features, device="cuda").to(dtype)
+    exact = spqr_linear_reference(x.double(), t)
+    y = torch.full((m, t.out_features), float("nan"), dtype=dtype, device="cuda")
+    spqr_matmul_triton(x, t, None, config, out=y)
+
+    def err(v: torch.Tensor) -> float:
+        return float("inf") if not torch.isfinite(v).all() else ((v.double() - exact).norm() / exact.norm()).item()
+
+    return err(y), err(spqr_linear_reference(x, t))
+
+
+def time_kernel(ts: list[SpqrTensors], xs: list[torch.Tensor], config: KernelConfig | None,
+                quick: bool = False, eager_calls: int = 1000) -> Timing:
+    calls = [lambda t=t, x=x: spqr_matmul_triton(x, t, None, config) for t, x in zip(ts, xs, strict=False)]
+    x0 = xs[0]
+    moved = ts[0].storage_bytes() + x0.nbytes + x0.shape[0] * ts[0].out_features * x0.element_size()
+    if quick:
+        return Timing(*graph_medians(calls, reps=10, rounds=1, work_ms=1.0) * 2, float("nan"), moved)
+    m1, m2 = graph_medians(calls)
+    db = triton.testing.do_bench(calls[0], return_mode="median") * 1000
+    return Timing(m1, m2, db, moved, eager_us(calls[0], eager_calls))
+
+
+def time_dense(dense: list[torch.Tensor], xs: list[torch.Tensor], eager_calls: int = 1000) -> Timing:
+    calls = [lambda w=w, x=x: torch.nn.functional.linear(x, w) for w, x in zip(dense, xs, strict=False)]
+    m1, m2 = graph_medians(calls)
+    db = triton.testing.do_bench(calls[0], return_mode="median") * 1000
+    x0, w0 = xs[0], dense[0]
+    return Timing(m1, m2, db, w0.nbytes + x0.nbytes + x0.shape[0] * w0.shape[0] * 2, eager_us(calls[0], eager_calls))
+
+
+#: Candidates (block_n, units, num_warps, num_stages) per path (GEMV) or activation tile (mma BM).
+GEMV_CANDIDATES = [(32, 4, 4, 2), (64, 4, 4, 2), (64, 2, 2, 2), (128, 4, 8, 2), (64, 8, 8, 2)]
+MMA_CANDIDATES = [(64, 4, 4, 2), (64, 2, 4, 3), (128, 2, 8, 2), (64, 4, 8, 2)]
+
+
+def sweep_configs(m: int, t: SpqrTensors) -> list[KernelConfig]:
+    """The heuristic, then each candidate at its automatic K split and at twice that (``--sweep``)."""
+    dev = torch.device("cuda")
+    out = [pick_config(m, t, dev)]
+    if m == 1:
+        bases = [KernelConfig("gemv", 1, bn, c, 1, nw, st) for bn, c, nw, st in GEMV_CANDIDATES]
+    else:
+        bm = min(64, max(16, triton.next_power_of_2(m)))
+        bases = [KernelConfig("mma", bm, bn, c, 1, nw, st) for bn, c, nw, st in MMA_CANDIDATES]
+    for base in bases:
+        auto = with_split(base, m, t, dev)
+        out += [auto, replace(auto, split_k=min(16, 2 * auto.split_k))]
+    seen: list[KernelConfig] = []
+    return [c for c in out if not (c in seen or seen.append(c))]
+
+
+def _precompile_one(job: tuple) -> str:
+    n, k, bits, sb, m, cfg = job
+    t = random_spqr_tensors(n, k, bits, 16, sb, 16, 0.01, True, seed=1, device="cuda")
+    ek, et = check_case(t, m, torch.bfloat16, cfg)
+    return f"{describe(cfg)} w{bits}s{sb} m{m}: {'ok' if ek <= 2 * et else 'FAIL'} ({ek:.1e} vs {et:.1e})"
+
+
+def precompile(jobs: list[tuple], workers: int) -> None:
+    """Compile (and check) every configuration in ``workers`` processes; Triton's disk cache keeps them."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers) as pool:
+        for line in pool.imap_unordered(_precompile_one, jobs):
+            print("precompiled", line, flush=True)
+
+
+def describe(c: KernelConfig) -> str:
+    return f"{c.path} BM{c.block_m} BN{c.block_n} C{c.units} split{c.split_k} w{c.num_warps} s{c.num_stages}"
+
+
+def fmt_of(bits: int, sb: int) -> str:
+    return f"w{bits} s{sb} g16/16"
+
+
+def bench_shape(n: int, k: int, bits: int, sb: int, ms: list[int], args: argparse.Namespace,
+                rows: list[str], sweep_rows: list[str]) -> None:
+    dtype = torch.bfloat16
+    t0 = random_spqr_tensors(n, k, bits, 16, sb, 16, args.outliers, True, seed=n + k + bits, device="cuda")
+    ts = [t0] + [random_spqr_tensors(n, k, bits, 16, sb, 16, args.outliers, True, seed=i + 100, device="cuda")
+                 for i in range(copies_for(t0.storage_bytes(), args.rotate_mb) - 1)]
+    dense = [torch.randn(n, k, device="cuda", dtype=dtype) for _ in range(copies_for(n * k * 2, args.rotate_mb))]
+    for m in ms:
+        xs = [torch.randn(m, k, device="cuda").to(dtype) for _ in range(max(len(ts), len(dense)))]
+        d = time_dense(dense, xs, eager_calls=args.eager_calls)
+        cfg = pick_config(m, t0, torch.device("cuda"))
+        if args.sweep:
+            best = None
+            for c in sweep_configs(m, t0):
+                ek2, et2 = check_case(t0, m, dtype, c)
+                tq = time_kernel(ts, xs, c, quick=True)
+                good = ek2 <= 2 * et2
+                sweep_rows.append(f"| {n}x{k} | {m} | {fmt_of(bits, sb)} | {describe(c)} | {tq.best:.1f} "
+                                  f"| {d.best / tq.best:.2f}x | {'ok' if good else 'FAIL'} |")
+                print(sweep_rows[-1], flush=True)
+                if good and (best is None or tq.best < best[0]):
+                    best = (tq.best, c)
+            cfg = best[1] if best else cfg
+        ek, et = check_case(t0, m, dtype, cfg)
+        ok = "ok" if ek <= 2 * et else "FAIL"
+        tk = time_kernel(ts, xs, cfg, eager_calls=args.eager_calls)
+        tbs = tk.bytes / tk.best / 1e6
+        rows.append(
+            f"| {n}x{k} | {m} | {fmt_of(bits, sb)} | {t0.average_bits():.2f} | {tk.median1:.1f} / {tk.median2:.1f} "
+            f"| {tbs:.2f} ({100 * tbs / CEILING_TBS:.0f}%) | {d.median1:.1f} / {d.median2:.1f} "
+            f"| **{d.best / tk.best:.2f}x** | {tk.do_bench:.1f} vs {d.do_bench:.1f} | {tk.eager:.1f} vs {d.eager:.1f} "
+            f"| {ek:.1e} vs {et:.1e} {ok} | {describe(cfg)} |")
+        print(rows[-1], flush=True)
+    del ts, dense
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336", help="NxK (out x in) list")
+    ap.add_argument("--m", default="1,16,64")
+    ap.add_argument("--formats", default="3:3:1,16,64;4:3:1,16", help="bits:stat_bits:M-list; ...")
+    ap.add_argument("--outliers", type=float, default=0.01, help="outlier density")
+    ap.add_argument("--rotate-mb", type=int, default=480)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--workers", type=int, default=12, help="compile processes for --sweep (0: none)")
+    ap.add_argument("--precompile-only", action="store_true", help="with --sweep: compile and check, then stop")
+    ap.add_argument("--eager-calls", type=int, default=300)
+    args = ap.parse_args()
+    args.dtype, args.group_size = "bf16", 16
+    rows: list[str] = []
+    sweep_rows: list[str] = []
+    print(header(args), flush=True)
+    specs = [(int(b), int(sb), [int(v) for v in ms.split(",")])
+             for b, sb, ms in (spec.split(":") for spec in args.formats.split(";"))]
+    if args.sweep and args.workers > 0:
+        t = random_spqr_tensors(4096, 4096, device="cuda")
+        jobs = {(bits, sb, m if m == 1 else min(64, max(16, triton.next_power_of_2(m))), replace(c, split_k=min(c.split_k, 2)))
+                for bits, sb, ms in specs for m in ms for c in sweep_configs(m, t)}
+        precompile([(4096, 4096, bits, sb, m, c) for bits, sb, m, c in sorted(jobs, key=str)], args.workers)
+        if args.precompile_only:
+            return
+    for shape in args.shapes.split(","):
+        n, k = (int(v) for v in shape.split("x"))
+        for bits, sb, ms in specs:
+            bench_shape(n, k, bits, sb, ms, args, rows, sweep_rows)
+    table = "\n".join([
+        "| N x K | M | format | avg bits | spqr us (median 1 / 2) | spqr TB/s (% of 4.2) | bf16 us (median 1 / 2) "
+        "| speedup | do_bench us spqr vs bf16 | eager us/call spqr vs bf16 | rel. error kernel vs torch-bf16 | config |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ])
+    text = header(args) + f"\n- SpQR: random layers, outlier density {args.outliers}, act-order permutation\n\n" + table + "\n"
+    if sweep_rows:
+        text += "\n| N x K | M | format | config | us | vs bf16 | check |\n|---|---|---|---|---|---|---|\n"
+        text += "\n".join(sweep_rows) + "\n"
+    print("\n" + text)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "bench_spqr_matmul.md"), "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()

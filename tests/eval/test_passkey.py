@@ -1,0 +1,91 @@
+"""eval-passkey: prompts, greedy decoding and scoring, on an oracle model and through the CLI."""
+
+from __future__ import annotations
+
+import random
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from effllm_tools.data.needles import INTRO, NEEDLE, QUESTION, Haystack, passkey_prompt
+from effllm_tools.eval.passkey import judge, passkey_trials, summarize
+from tests.conftest import parse_json_stdout, run_cli
+
+
+@pytest.fixture(scope="module")
+def hay(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    text = " ".join(f"Line {i} of a long and plain story." for i in range(2000))
+    return Haystack("t", torch.tensor(tok(text)["input_ids"]), tok)
+
+
+class Oracle(nn.Module):
+    """Reads the needle out of the prompt (optionally garbling it) and emits it token by token."""
+
+    def __init__(self, tok, garble: bool = False):
+        super().__init__()
+        self.tok, self.garble, self.queue = tok, garble, []
+        self.config = SimpleNamespace(max_position_embeddings=10**6)
+
+    def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=None):
+        if past_key_values is None:  # the prefill: find the answer
+            text = self.tok.decode(input_ids[0])
+            key = re.findall(r"magic number for (\w+)\?", text)[-1]
+            value = re.search(rf"magic number for {key} is (\d+)\.", text).group(1)
+            if self.garble:
+                value = value[::-1] if value[::-1] != value else "1" + value
+            self.queue = list(self.tok(" " + value + ".", add_special_tokens=False)["input_ids"])
+        nxt = self.queue.pop(0) if self.queue else 0
+        logits = torch.zeros(1, 1, 256)
+        logits[0, 0, nxt] = 1.0
+        return SimpleNamespace(logits=logits, past_key_values="cache")
+
+
+def test_prompt_is_exact_length_and_holds_the_needle_at_depth(hay):
+    for depth in (0.0, 0.5, 1.0):
+        p = passkey_prompt(hay, 700, depth, random.Random(1))
+        assert p.input_ids.shape == (700,)
+        text = hay.tokenizer.decode(p.input_ids)
+        key = re.findall(r"for (\w+)\?", text)[-1]
+        assert text.endswith(f"The special magic number for {key} is")
+        assert f"\nThe special magic number for {key} is {p.answer}.\n" in text
+        head = len(hay.encode(INTRO))
+        span = 700 - head - len(hay.encode(NEEDLE.format(key=key, value=p.answer))) - len(
+            hay.encode(QUESTION.format(key=key)))
+        rel = (p.position - head) / span
+        assert depth - 40 / span <= rel <= depth + 1e-9  # moved back at most to the previous sentence end (~37 tokens)
+
+
+def test_oracle_scores_one_and_a_wrong_model_zero(hay):
+    kwargs = dict(lengths=[300, 600], depths=[0.0, 0.5, 1.0], trials=2, seed=0, device="cpu")
+    good = summarize(passkey_trials(Oracle(hay.tokenizer), hay, **kwargs))
+    bad = summarize(passkey_trials(Oracle(hay.tokenizer, garble=True), hay, **kwargs))
+    assert good["accuracy"] == 1.0 and good["trials"] == 12
+    assert good["accuracy_by_length_depth"]["600"] == {"0.0": 1.0, "0.5": 1.0, "1.0": 1.0}
+    assert bad["accuracy"] == 0.0
+
+
+def test_judge():
+    assert judge(" 1234567. And", "1234567")
+    assert not judge(" 12345678", "1234567") and not judge(" none", "1234567")
+    assert not judge(" 7654321 1234567", "1234567")
+
+
+def test_cli_json_schema_limit_and_gate(tiny_llama):
+    from effllm_tools.errors import BadInputError
+    from effllm_tools.eval.passkey import run_eval_passkey
+
+    with pytest.raises(BadInputError, match="--allow-beyond-max"):
+        run_eval_passkey(str(tiny_llama), lengths=[300], depths=[0.5], device="cpu")
+    proc = run_cli("eval-passkey", str(tiny_llama), "--lengths", "260,300", "--depths", "0,1", "--trials", "1",
+                   "--allow-beyond-max", "--device", "cpu", "--min-accuracy", "0.99", "--json")
+    assert proc.returncode == 5  # a random tiny model retrieves nothing: the gate fails
+    obj = parse_json_stdout(proc)
+    assert obj["command"] == "eval-passkey" and obj["status"] == "gate_failed"
+    assert set(obj["metrics"]["accuracy_by_length"]) == {"260", "300"} and obj["metrics"]["trials"] == 4
+    assert len(obj["records"]) == 4 and obj["settings"]["allow_beyond_max"] is True

@@ -1,0 +1,173 @@
+"""The ``spqr`` linear layer: Triton kernels against the pure-torch reference, dispatcher, custom op.
+
+Without a GPU the kernels run in Triton's interpreter (``conftest.py``) at tiny shapes; with one, the
+same tests run on CUDA and the ``gpu`` tests add the real layer shapes. Every case is a fresh random
+:class:`SpqrTensors` (random codes, statistics codes and second-level stats, CSR outliers, act-order
+permutation). Tolerance (DESIGN.md, Kernels): the kernel's error against an fp64 reference is at
+most twice the error of torch doing the same math in the activation dtype (fp32: at most 1e-5, the
+``cs * f - zcs`` decomposition cancelling a few bits); NaN never passes; outputs are poisoned.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from effllm_kernels import dispatch
+from effllm_kernels.spqr import SpqrTensors, spqr_linear, spqr_linear_op, spqr_linear_reference
+from effllm_kernels.spqr.op import op_args
+from effllm_kernels.spqr.testing import random_spqr_tensors
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def assert_close_to_reference(y: torch.Tensor, x: torch.Tensor, t: SpqrTensors, bias=None) -> None:
+    assert torch.isfinite(y).all(), "NaN/inf in the output (an unwritten element?)"
+    ref = spqr_linear_reference(x.double(), t, None if bias is None else bias.double())
+    torch_err = rel_err(spqr_linear_reference(x, t, bias), ref)
+    bound = 1e-5 if x.dtype == torch.float32 else 2 * torch_err
+    assert rel_err(y, ref) <= bound, (rel_err(y, ref), torch_err)
+
+
+def run_kernel(x: torch.Tensor, t: SpqrTensors, bias=None, config=None) -> torch.Tensor:
+    """The Triton kernel with the output poisoned (NaN) beforehand."""
+    from effllm_kernels.spqr.launch import spqr_matmul_triton
+
+    out = torch.full((x.shape[0], t.out_features), float("nan"), dtype=x.dtype, device=x.device)
+    y = spqr_matmul_triton(x, t, bias, config, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    return y
+
+
+def _configs() -> list:
+    from effllm_kernels.spqr.launch import KernelConfig
+
+    return [
+        KernelConfig("gemv", 1, 16, 2, split_k=1, num_warps=1),
+        KernelConfig("gemv", 1, 32, 1, split_k=3, num_warps=2),  # N % 32 != 0, split K
+        KernelConfig("mma", 16, 16, 1, split_k=1, num_warps=4),  # stat block == tile rows
+        KernelConfig("mma", 16, 32, 2, split_k=2, num_warps=4),  # tile rows span two stat blocks
+    ]
+
+
+# (m, n, k, bits, group_size, stat_bits, stat_group): the 3/3/16/16 format, 2- and 4-bit, 5-bit
+# codes straddling words, fp16 statistics, groups of 64 and 8, ragged last group (K=576 with
+# g=64 and K=100 with g=16), K not a multiple of 32, N not a multiple of the tile.
+TINY = [
+    (1, 48, 1056, 3, 16, 3, 16),
+    (3, 40, 576, 4, 64, 16, 16),
+    (2, 32, 100, 5, 16, 3, 16),
+    (2, 16, 640, 2, 8, 4, 8),
+]
+
+
+@pytest.mark.parametrize("shape", TINY, ids=lambda s: "m{}n{}k{}b{}g{}s{}sg{}".format(*s))
+@pytest.mark.parametrize("config_index", range(4), ids=["gemv", "gemv-split", "mma", "mma-split"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_kernel_matches_reference_tiny(shape: tuple, config_index: int, dtype: torch.dtype) -> None:
+    if dtype == torch.float32 and config_index % 2 == 0:
+        pytest.skip("fp32 runs the split configurations only (test time)")
+    m, n, k, bits, g, sb, sg = shape
+    seed = hash((shape, config_index, str(dtype))) % 10_000
+    t = random_spqr_tensors(n, k, bits, g, sb, sg, outlier_density=0.03, permute=seed % 3 != 0, seed=seed,
+                            device=DEVICE)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = torch.randn(m, k, generator=gen, device=DEVICE).to(dtype)
+    bias = torch.randn(n, generator=gen, device=DEVICE).to(dtype) if config_index % 2 == 0 else None
+    assert_close_to_reference(run_kernel(x, t, bias, _configs()[config_index]), x, t, bias)
+
+
+def test_outliers_and_permutation_change_the_result() -> None:
+    """The kernel reads the outliers and the permutation: dropping either changes y by far more than rounding."""
+    t = random_spqr_tensors(32, 256, outlier_density=0.05, seed=3, device=DEVICE)
+    x = torch.randn(1, 256, device=DEVICE)
+    y = run_kernel(x, t)
+    plain = SpqrTensors(**{**t.__dict__, "perm": None})
+    no_out = SpqrTensors(**{**t.__dict__, "outlier_rowptr": torch.zeros_like(t.outlier_rowptr),
+                            "outlier_col": t.outlier_col[:0], "outlier_val": t.outlier_val[:0]})
+    for other in (plain, no_out):
+        y_other = run_kernel(x, other)
+        assert_close_to_reference(y_other, x, other)
+        assert rel_err(y_other, y.double()) > 1e-3
+
+
+def test_spqr_linear_flattens_leading_dims(monkeypatch: pytest.MonkeyPatch) -> None:
+    t = random_spqr_tensors(16, 96, seed=4, device=DEVICE)
+    x = torch.randn(2, 3, 96, device=DEVICE).half()
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")  # the interpreter on the CPU
+    y = spqr_linear(x, t)
+    assert y.shape == (2, 3, 16) and y.dtype == torch.float16
+    assert_close_to_reference(y.reshape(6, 16), x.reshape(6, 96), t)
+
+
+def test_forced_reference_and_auto_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    t = random_spqr_tensors(16, 64, seed=5, device="cpu")
+    x = torch.randn(3, 64).bfloat16()
+    for mode in ("reference", "auto"):
+        monkeypatch.setenv(dispatch.ENV_VAR, mode)
+        assert dispatch.choose_backend("spqr_linear", x) == "reference"
+        assert torch.equal(spqr_linear(x, t), spqr_linear_reference(x, t))
+    if torch.cuda.is_available():
+        assert dispatch.choose_backend("spqr_linear", x.cuda()) == "triton"
+
+
+def test_unsupported_cases_fall_back_or_raise(monkeypatch: pytest.MonkeyPatch) -> None:
+    t = random_spqr_tensors(16, 96, group_size=48, seed=6, device=DEVICE)  # 48: not a divisor/multiple of 32
+    x = torch.randn(2, 96, device=DEVICE)
+    monkeypatch.setenv(dispatch.ENV_VAR, "auto")
+    assert torch.equal(spqr_linear(x, t), spqr_linear_reference(x, t))
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    with pytest.raises(dispatch.KernelUnavailableError, match="group_size=48"):
+        spqr_linear(x, t)
+    with pytest.raises(dispatch.KernelUnavailableError, match="float64"):
+        spqr_linear(x.double(), random_spqr_tensors(16, 96, seed=6, device=DEVICE))
+
+
+def test_custom_op_traces_and_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The op has a working fake implementation: torch.compile(fullgraph=True) traces spqr_linear."""
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    t = random_spqr_tensors(16, 64, seed=7, device="cpu")
+    x = torch.randn(2, 64)
+    meta = [int(getattr(t, f)) for f in SpqrTensors.INT_FIELDS]
+    torch.library.opcheck(spqr_linear_op, (x, *op_args(t), None, meta),
+                          test_utils=("test_schema", "test_faketensor"))
+    compiled = torch.compile(lambda a: spqr_linear(a, t), backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), spqr_linear_reference(x, t))
+
+
+# Real layer shapes (N, K): Llama-3-8B's 4096x4096, up/gate 4096->14336 and down 14336->4096.
+GPU_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "{}x{}".format(*s))
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_real_shapes_on_gpu(shape: tuple, m: int) -> None:
+    n, k = shape
+    for bits, sb, dtype in ((3, 3, torch.bfloat16), (4, 16, torch.float16)):
+        t = random_spqr_tensors(n, k, bits, 16, sb, 16, outlier_density=0.01, seed=n + k + m, device="cuda")
+        x = torch.randn(m, k, device="cuda").to(dtype)
+        assert_close_to_reference(run_kernel(x, t), x, t)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_replay_and_compile_on_gpu() -> None:
+    t = random_spqr_tensors(4096, 4096, seed=9, device="cuda")
+    x = torch.randn(1, 4096, device="cuda").bfloat16()
+    y0 = spqr_linear(x, t)  # warm-up outside capture (compilation, split-K scratch)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = spqr_linear(x, t)
+    x.copy_(torch.randn(1, 4096, device="cuda"))
+    graph.replay()
+    assert_close_to_reference(y, x, t)
+    compiled = torch.compile(lambda a: spqr_linear(a, t), fullgraph=True, mode="reduce-overhead")
+    for _ in range(3):
+        out = compiled(x)
+    assert torch.equal(out, spqr_linear(x, t)) and not torch.equal(out, y0)
