@@ -104,7 +104,11 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             node = node.setdefault(part, {})
         if not isinstance(node, dict | list):
             raise BadInputError(f"--set {key}: {part!r} is not a mapping")
-    parsed = yaml.safe_load(value) if value else ""
+    try:
+        parsed = yaml.safe_load(value) if value else ""
+    except yaml.YAMLError as exc:
+        problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+        raise BadInputError(f"--set {key}: the value {value!r} is not valid YAML ({problem})") from exc
     if isinstance(node, list):
         raise BadInputError(f"--set {key}: cannot set a list element")
     node[parts[-1]] = parsed

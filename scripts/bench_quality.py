@@ -81,7 +81,23 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-minutes", type=float, default=60.0, help="start no row after this")
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoints")
     ap.add_argument("--out", default="out/bench-quality")
-    return ap.parse_args()
+    args = ap.parse_args()
+    args.texts = {}
+    return args
+
+
+def eval_texts(args: argparse.Namespace, out: Path) -> dict[str, str]:
+    """The head of each evaluation text as a local file: the first ``--max-tokens`` tokens are the
+    same as the full set's (the cut lies far beyond them), and tokenizing it is instant."""
+    from effllm_tools.data.sources import load_text
+
+    paths = {}
+    for ds in EVAL_SETS:
+        path = out / "eval-text" / f"{ds}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(load_text(ds).text[: args.max_tokens * 12])
+        paths[ds] = str(path)
+    return paths
 
 
 def evaluate(args: argparse.Namespace, model: str, base: str | None) -> dict[str, Any]:
@@ -89,7 +105,7 @@ def evaluate(args: argparse.Namespace, model: str, base: str | None) -> dict[str
 
     res: dict[str, Any] = {}
     for ds in EVAL_SETS:
-        r = run_eval_ppl(model, dataset=ds, seqlen=args.eval_seqlen, max_tokens=args.max_tokens, kld_base=base,
+        r = run_eval_ppl(model, dataset=args.texts[ds], seqlen=args.eval_seqlen, max_tokens=args.max_tokens, kld_base=base,
                          device=args.device, dtype=args.eval_dtype)
         res[ds] = {"ppl": r["metrics"]["ppl"], "kld": r["metrics"].get("kld"),
                    "predicted_tokens": r["settings"]["predicted_tokens"]}
@@ -146,6 +162,7 @@ def main() -> None:
     unknown = [r for r in wanted if r not in rows_def]
     if unknown:
         sys.exit(f"unknown rows {unknown}; known: {', '.join(rows_def)}")
+    args.texts = eval_texts(args, out)
     t0 = time.perf_counter()
     results = [{"row": "base", "eval": evaluate(args, args.model, None), "wall_s": 0.0}]
     for name in wanted:

@@ -77,6 +77,8 @@ def test_set_overrides_by_index_and_by_method_name():
     assert raw["calibration"]["nsamples"] == 16
     with pytest.raises(BadInputError, match="expected key=value"):
         apply_override(raw, "bits")
+    with pytest.raises(BadInputError, match="not valid YAML"):
+        apply_override(raw, 'rtn.ignore=["\\."]')  # a backslash escape YAML refuses inside double quotes
 
 
 def test_recipe_file_errors(tmp_path):

@@ -21,6 +21,7 @@ half=$(( ($(stat -c %s "$gguf") + 1) / 2 ))
 split -b "$half" -d "$gguf" .gguf-b/part.
 mv .gguf-b/part.00 .gguf-a/
 sha256sum "$gguf" | cut -d' ' -f1 > .gguf-b/sha256
-tar -C "$cache" -czf .gguf-b/texts.tar.gz texts
+# The package records tell effllm the Debian packages are present: the cached texts are all it reads.
+(cd "$cache" && tar -czf "$OLDPWD/.gguf-b/texts.tar.gz" texts debian/*/.effllm-package.json)
 ls .whl/gguf-*.whl >/dev/null 2>&1 || $py -m pip download -q --no-deps --only-binary=:all: -d .whl gguf==0.19.0
 du -sh .gguf-a .gguf-b .whl

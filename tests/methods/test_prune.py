@@ -305,3 +305,17 @@ def test_rtn_dense_path_is_unchanged_by_keep_zeros():
         got, want = quantize_rtn(w, 4, 32, symmetric), quantize_rtn(w, 4, 32, symmetric, keep_zeros=False)
         for a, b in zip(got, want, strict=True):
             assert torch.equal(a, b)
+
+
+def test_rtn_leaves_incidental_zeros_of_a_dense_weight_alone():
+    """A dense weight with a few exact zeros (the demo's Q4_1 grid has 0.03%) keeps float zero points:
+    keep_zeros switches on only from SPARSE_SHARE exact zeros, so dense RTN results never move."""
+    from effllm_tools.methods.rtn.algorithm import SPARSE_SHARE, quantize_rtn
+
+    torch.manual_seed(8)
+    w = torch.randn(16, 96) + 0.3
+    w.view(-1)[:: 400] = 0.0  # 4 zeros of 1536: below the sparse share
+    assert float((w == 0).float().mean()) < SPARSE_SHARE
+    for a, b in zip(quantize_rtn(w, 3, 32), quantize_rtn(w, 3, 32, keep_zeros=False), strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(quantize_rtn(w, 3, 32, keep_zeros=True)[2], quantize_rtn(w, 3, 32)[2])

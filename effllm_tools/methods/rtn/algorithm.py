@@ -11,8 +11,9 @@ Exact zeros (pruned weights, e.g. Wanda's 2:4) stay exact zeros with ``keep_zero
 group that holds an exact zero gets its zero point rounded to an integer code, so 0 lies on its grid
 and quantizes to ``code == zero`` (dequantized ``(zero - zero) * scale = 0`` exactly); the symmetric
 zero point ``2**(bits - 1)`` is an integer already. Groups without exact zeros keep the float zero
-point, so the dense path is unchanged (a Q4_1 group that contains a 0 has an integral zero point
-already, so the demo model stays lossless at int4 asym g32).
+point. By default (``keep_zeros=None``) this applies only to a *sparse* weight, one with at least
+``SPARSE_SHARE`` exact zeros, so a dense checkpoint's few incidental zeros (the demo model's Q4_1
+grid holds 0.03%) never move its grids.
 Statistics are rounded to their storage dtype *before* the codes are chosen, so the stored
 checkpoint reproduces exactly the weights this function returns.
 """
@@ -20,6 +21,8 @@ checkpoint reproduces exactly the weights this function returns.
 from __future__ import annotations
 
 import torch
+
+SPARSE_SHARE = 0.01  # a weight with at least this share of exact zeros is treated as pruned
 
 
 def group_count(in_features: int, group_size: int) -> int:
@@ -80,14 +83,17 @@ def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 
 def quantize_rtn(
     w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, stats_dtype: torch.dtype = torch.float16,
-    keep_zeros: bool = True,
+    keep_zeros: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes [N, K] uint8, scales and zeros [N, G]. ``group_size`` <= 0 means one group per row.
 
-    With ``keep_zeros`` (the default) every exact zero of ``w`` dequantizes to an exact zero.
+    With ``keep_zeros`` every exact zero of ``w`` dequantizes to an exact zero; ``None`` (the default)
+    turns it on for sparse weights (at least ``SPARSE_SHARE`` exact zeros, e.g. a pruned layer).
     """
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be in 2..8, got {bits}")
+    if keep_zeros is None:
+        keep_zeros = bool(w.numel()) and float((w == 0).float().mean()) >= SPARSE_SHARE
     if group_size <= 0 or group_size > w.shape[1]:
         group_size = w.shape[1]
     scales, zeros = fit_grid(w, bits, group_size, symmetric, stats_dtype, keep_zeros=keep_zeros)
