@@ -99,6 +99,15 @@ def layers_prefix_of(model: Any, arch: Any) -> str:
     raise BadInputError("cannot locate the decoder layers in the model")
 
 
+def check_stages_against_config(recipe: Recipe, model_config: Any) -> None:
+    """Stage checks that need only the model's config (a stage config's ``check_model``), so bad
+    input such as a target length below the model's window fails before any weight is loaded."""
+    for stage in recipe.stages:
+        check = getattr(stage.config, "check_model", None)
+        if check is not None:
+            check(model_config)
+
+
 def plan_recipe(recipe: Recipe, *, model: str | None = None) -> dict[str, Any]:
     """``--dry-run``: validate and describe without loading weights."""
     from accelerate import init_empty_weights
@@ -108,6 +117,7 @@ def plan_recipe(recipe: Recipe, *, model: str | None = None) -> dict[str, Any]:
 
     source = resolve_source(model or recipe.model or "")
     config = load_config(source)
+    check_stages_against_config(recipe, config)
     with init_empty_weights():
         meta = AutoModelForCausalLM.from_config(config)
     arch = get_arch(config)
@@ -138,6 +148,7 @@ def run_recipe(recipe: Recipe, *, device: str = "auto", dtype: str | None = None
     out = Path(recipe.output["path"])
     source = resolve_source(recipe.model)
     check_output_path(out, overwrite=recipe.output["overwrite"], inputs=[source.input_path] if source.path else [])
+    check_stages_against_config(recipe, load_config(source))
     device = resolve_device(device)
     seed_everything(recipe.seed)
     timings: dict[str, float] = {}

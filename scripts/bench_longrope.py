@@ -32,7 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-METHODS = ("base", "pi", "ntk", "yarn", "longrope", "longrope2", "longrope2-af1")
+METHODS = ("base", "pi", "ntk", "yarn", "longrope", "longrope2", "longrope2-af1", "longrope2-none")
+# Rows that run a method with other stage keys: longrope2-none searches *under* attention factor 1,
+# so the model is exactly the base model up to the original window (longrope2-af1 only resets the
+# factor of the factors found under the su rule).
+VARIANTS = {"longrope2-none": ("longrope2", {"mscale": "none"})}
 
 
 def parse_args() -> argparse.Namespace:
@@ -68,7 +72,8 @@ def extend(args: argparse.Namespace, method: str, out: Path) -> dict[str, Any]:
     from effllm_tools.recipe import parse_recipe
     from effllm_tools.runner import run_recipe
 
-    stage: dict[str, Any] = {"method": method, "target_length": args.target}
+    method, extra = VARIANTS.get(method, (method, {}))
+    stage: dict[str, Any] = {"method": method, "target_length": args.target, **extra}
     if method in ("longrope", "longrope2"):
         stage.update(search_keys(args))
     raw = {"version": 1, "model": args.model, "seed": args.seed, "stages": [stage],
@@ -160,13 +165,13 @@ def main() -> None:
             results["rows"][method] = {"skipped": f"--max-minutes {args.max_minutes} reached"}
             continue
         t0 = time.perf_counter()
-        ckpt = out / "ckpt" / method.removesuffix("-af1")
+        ckpt = out / "ckpt" / (method if method in VARIANTS else method.removesuffix("-af1"))
         metrics: dict[str, Any] = {}
         if method == "base":
             model = base.model
         else:
             if not (method == "longrope2-af1" and ckpt.is_dir()):
-                metrics = extend(args, method.removesuffix("-af1"), ckpt)
+                metrics = extend(args, method if method in VARIANTS else method.removesuffix("-af1"), ckpt)
             model = load_model(str(ckpt), device=device, dtype=args.dtype).model
             if method == "longrope2-af1":  # same factors, attention factor 1: exactly the base model <= 8k
                 for module, _, attr in rotary_slots(model):

@@ -43,6 +43,10 @@ class ScalingConfig:
         if self.original_length is not None and self.original_length < 2:
             raise BadInputError(f"original_length must be a positive token count, got {self.original_length}")
 
+    def check_model(self, model_config: Any) -> None:
+        """Checks that need the model's config only (the runner calls this before loading weights)."""
+        lengths_for(model_config, self)
+
 
 @dataclass
 class YarnConfig(ScalingConfig):
@@ -108,7 +112,12 @@ class LongRoPE2Config(SearchConfig):
 
 def lengths(ctx: Any, cfg: ScalingConfig) -> tuple[int, int, float]:
     """(original, target, s); target <= original is bad input (exit 2)."""
-    original = cfg.original_length or getattr(ctx.model.config, "max_position_embeddings", None)
+    return lengths_for(ctx.model.config, cfg)
+
+
+def lengths_for(model_config: Any, cfg: ScalingConfig) -> tuple[int, int, float]:
+    """:func:`lengths` from a model config alone (checked before any weight is loaded)."""
+    original = cfg.original_length or getattr(model_config, "max_position_embeddings", None)
     if not original:
         raise BadInputError("the model config has no max_position_embeddings; set original_length")
     target = int(cfg.target_length or 0)
