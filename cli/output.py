@@ -117,12 +117,14 @@ def run_guarded(ui: Ui, body: Any) -> int:
     except KeyboardInterrupt:
         return ui.fail(EXIT_INTERRUPTED, "interrupted; no output was written")
     except Exception as err:  # noqa: BLE001 - the one place that maps every error
-        from effllm_tools.errors import EffllmError
+        from effllm_tools.errors import EffllmError, ExitCode, KernelUnavailableError
 
         if ui.verbose:
             traceback.print_exc(file=sys.stderr)
         if isinstance(err, EffllmError):
             return ui.fail(int(err.exit_code), str(err))
+        if isinstance(err, KernelUnavailableError):  # EFFLLM_KERNELS=triton asked for a kernel that cannot run
+            return ui.fail(int(ExitCode.UNSUPPORTED), str(err).splitlines()[0])
         import torch
 
         if isinstance(err, torch.OutOfMemoryError | MemoryError):

@@ -27,11 +27,15 @@ __all__ = [
 ]
 
 
-def load(path, *, device: str = "cpu", dtype=None):
-    """Load a checkpoint effllm can read (HF directory, GGUF file, ``demo``) as a causal LM."""
+def load(path, *, device: str = "cpu", dtype=None, sparse24: str | None = None):
+    """Load a checkpoint effllm can read (HF directory, GGUF file, ``demo``) as a causal LM.
+
+    ``sparse24`` (off | on | dual | auto; default ``EFFLLM_SPARSE24`` or auto) picks the 2:4 sparse
+    runtime for 2:4-pruned checkpoints on CUDA (:mod:`effllm_tools.runtime.sparse24`).
+    """
     from effllm_tools.io.load import load_model
 
-    return load_model(str(path), device=device, dtype=dtype).model
+    return load_model(str(path), device=device, dtype=dtype, sparse24=sparse24).model
 
 
 def _register_integrations() -> None:

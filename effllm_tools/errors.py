@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+# The kernels' own error (they may not import effllm_tools): EFFLLM_KERNELS=triton asked for a
+# kernel that cannot run the case. The CLI maps it to exit 4 like UnsupportedError.
+from effllm_kernels.dispatch import KernelUnavailableError  # noqa: F401  (re-exported)
+
 
 class ExitCode(IntEnum):
     OK = 0

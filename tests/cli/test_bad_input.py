@@ -150,3 +150,13 @@ def test_pickled_weights_are_never_loaded(tiny_llama, tmp_path):
     torch.save(load_file(tiny_llama / "model.safetensors"), legacy / "pytorch_model.bin")
     out = tmp_path / "o"
     _assert_clean_failure(run_cli("quantize", str(legacy), "-o", str(out)), 2, "no *.safetensors", out)
+
+
+def test_forced_kernel_that_cannot_run_is_unsupported(tiny_llama, sample_text, tmp_path):
+    """EFFLLM_KERNELS=triton off CUDA (no interpreter): the kernels' own error becomes exit 4, one line."""
+    out = tmp_path / "q"
+    assert run_cli("quantize", "--method", "rtn", "--bits", "4", "--group-size", "32", str(tiny_llama),
+                   "-o", str(out)).returncode == 0
+    proc = run_cli("eval-ppl", str(out), "--dataset", str(sample_text), "--seqlen", "32", "--max-tokens", "64",
+                   env={"EFFLLM_KERNELS": "triton", "TRITON_INTERPRET": "0"})
+    _assert_clean_failure(proc, 4, "EFFLLM_KERNELS=triton")
