@@ -157,9 +157,10 @@ def _parse_stage(raw: Any, where: str) -> Stage:
     params = {k: v for k, v in raw.items() if k != "method"}
     fields = spec.keys()
     hints = typing.get_type_hints(spec.config) if spec.config else {}
-    for k, v in params.items():
+    for k, v in list(params.items()):
         if k not in fields:
             raise BadInputError(f"{where}: unknown key '{k}' for method '{spec.name}' (allowed: {', '.join(fields)})")
+        params[k] = v = _coerce_float(v, hints[k])
         if not _is_type(v, hints[k]):
             raise BadInputError(f"{where}.{k}: expected {_type_name(hints[k])}, got {v!r}")
     config = spec.config(**copy.deepcopy(params))
@@ -183,6 +184,17 @@ def validate_order(stages: list[Stage], source: str) -> None:
     quant = [st.method for st in stages if st.spec.kind == "weight-quant"]
     if len(quant) > 1:
         raise BadInputError(f"{source}: two weight quantizers ({', '.join(quant)}); a recipe may have one")
+
+
+def _coerce_float(value: Any, tp: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads ``1e-4`` as a string (it wants ``1.0e-4``): for a key that takes a
+    float and no string, a string that Python reads as a number is that number."""
+    if isinstance(value, str) and _is_type(1.5, tp) and not _is_type("x", tp):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _is_type(value: Any, tp: Any) -> bool:

@@ -67,6 +67,19 @@ def prune_rows() -> dict[str, list[dict[str, Any]]]:
 SUITES = {"quant": quant_rows, "prune": prune_rows}
 
 
+def _with_sets(stage: dict[str, Any], sets: list[str]) -> dict[str, Any]:
+    """The stage with each ``KEY=VALUE`` of ``--set`` whose key its method has."""
+    from effllm_tools.registry import get_method
+
+    keys = get_method(stage["method"]).keys()
+    out = dict(stage)
+    for item in sets:
+        key, _, value = item.partition("=")
+        if key in keys:
+            out[key] = yaml.safe_load(value)
+    return out
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=sorted(SUITES), required=True)
@@ -80,6 +93,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--eval-dtype", default="float32")
     ap.add_argument("--max-minutes", type=float, default=60.0, help="start no row after this")
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoints")
+    ap.add_argument("--set", dest="sets", action="append", default=[],
+                    help="KEY=VALUE (YAML) added to every stage of the chosen rows that has KEY, e.g. ro_lr=1e-4")
     ap.add_argument("--out", default="out/bench-quality")
     args = ap.parse_args()
     args.texts = {}
@@ -162,6 +177,7 @@ def main() -> None:
     unknown = [r for r in wanted if r not in rows_def]
     if unknown:
         sys.exit(f"unknown rows {unknown}; known: {', '.join(rows_def)}")
+    rows_def = {name: [_with_sets(stage, args.sets) for stage in rows_def[name]] for name in wanted}
     args.texts = eval_texts(args, out)
     t0 = time.perf_counter()
     results = [{"row": "base", "eval": evaluate(args, args.model, None), "wall_s": 0.0}]

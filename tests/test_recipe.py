@@ -81,6 +81,17 @@ def test_set_overrides_by_index_and_by_method_name():
         apply_override(raw, 'rtn.ignore=["\\."]')  # a backslash escape YAML refuses inside double quotes
 
 
+def test_exponent_floats_that_yaml_reads_as_strings():
+    """PyYAML reads 1e-4 as a string; a float key still takes it (--set wanda++.ro_lr=1e-4)."""
+    raw = {"version": 1, "model": "m", "stages": [{"method": "wanda++", "sparsity": "2:4"}]}
+    apply_override(raw, "wanda++.ro_lr=1e-4")
+    assert raw["stages"][0]["ro_lr"] == "1e-4"  # what YAML gives
+    assert parse_recipe(raw).stages[0].config.ro_lr == 1e-4
+    apply_override(raw, "wanda++.ro_lr=fast")
+    with pytest.raises(BadInputError, match="ro_lr: expected float"):
+        parse_recipe(raw)
+
+
 def test_recipe_file_errors(tmp_path):
     with pytest.raises(BadInputError, match="no such recipe file"):
         load_recipe_file(tmp_path / "missing.yaml")
