@@ -133,19 +133,25 @@ def _quantize_group(lctx: LayerContext, group: list[str], hessian: torch.Tensor,
         lctx.artifacts[name + _STATS] = stats
 
 
-def make_on_layer(cfg: GPTQConfig, log: Callable[[str], None] = lambda _m: None) -> Callable[[LayerContext], None]:
-    """The per-layer callback for :func:`run_layerwise` (true-sequential or all groups at once)."""
+def make_on_layer(cfg: Any, log: Callable[[str], None] = lambda _m: None,
+                  quantize_group: Callable[..., None] | None = None) -> Callable[[LayerContext], None]:
+    """The per-layer callback for :func:`run_layerwise` (true-sequential or all groups at once).
+
+    ``quantize_group(lctx, group, hessian, cfg, log)`` quantizes one group of linears sharing their
+    inputs; default GPTQ's. SpQR passes its own and reuses this walk.
+    """
+    quantize = quantize_group or _quantize_group
 
     def on_layer(lctx: LayerContext) -> None:
         with torch.no_grad():
             groups = layer_groups(lctx, cfg)
             if cfg.true_sequential:
                 for group in groups:
-                    _quantize_group(lctx, group, layer_hessians(lctx, group[:1])[group[0]], cfg, log)
+                    quantize(lctx, group, layer_hessians(lctx, group[:1])[group[0]], cfg, log)
             else:
                 hessians = layer_hessians(lctx, [g[0] for g in groups])
                 for group in groups:
-                    _quantize_group(lctx, group, hessians[group[0]], cfg, log)
+                    quantize(lctx, group, hessians[group[0]], cfg, log)
 
     return on_layer
 

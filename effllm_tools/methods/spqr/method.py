@@ -30,7 +30,8 @@ from effllm_kernels.spqr.layout import STAT_FP16
 from effllm_tools.errors import BadInputError, UnsupportedError
 from effllm_tools.methods.common import check_ignore_patterns, replace_module
 from effllm_tools.methods.gptq.algorithm import CholeskyError, hessian_error
-from effllm_tools.methods.gptq.method import layer_groups, layer_hessians, layer_progress
+from effllm_tools.methods.gptq.method import layer_progress
+from effllm_tools.methods.gptq.method import make_on_layer as gptq_make_on_layer
 from effllm_tools.methods.rtn.algorithm import dequantize_codes, quantize_rtn
 from effllm_tools.methods.spqr.algorithm import spqr_quantize
 from effllm_tools.methods.spqr.format import SpQRLinear
@@ -113,20 +114,8 @@ def _quantize_group(lctx: LayerContext, group: list[str], hessian: torch.Tensor,
 
 
 def make_on_layer(cfg: SpQRConfig, log: Callable[[str], None] = lambda _m: None) -> Callable[[LayerContext], None]:
-    """The per-layer callback for :func:`run_layerwise` (true-sequential or all groups at once)."""
-
-    def on_layer(lctx: LayerContext) -> None:
-        with torch.no_grad():
-            groups = layer_groups(lctx, cfg)
-            if cfg.true_sequential:
-                for group in groups:
-                    _quantize_group(lctx, group, layer_hessians(lctx, group[:1])[group[0]], cfg, log)
-            else:
-                hessians = layer_hessians(lctx, [g[0] for g in groups])
-                for group in groups:
-                    _quantize_group(lctx, group, hessians[group[0]], cfg, log)
-
-    return on_layer
+    """The per-layer callback for :func:`run_layerwise`: GPTQ's layer walk with SpQR's group step."""
+    return gptq_make_on_layer(cfg, log, _quantize_group)
 
 
 def make_restore(cfg: SpQRConfig, arch: Any) -> Callable[[int, nn.Module, dict[str, torch.Tensor]], None]:
