@@ -30,8 +30,9 @@ SHAPES = {
 }
 
 
-def build_model(layers: int, dtype: torch.dtype, seed: int, shape: str = "llama3-8b"):
-    """Llama-3-8B shapes, ``layers`` decoder layers, weights ~ N(0, 0.02) (built on meta, filled in place)."""
+def build_model(layers: int, dtype: torch.dtype, seed: int, shape: str = "llama3-8b", device: str = "cpu"):
+    """Llama-3-8B shapes, ``layers`` decoder layers, weights ~ N(0, 0.02) (built on meta, filled in place
+    on ``device``: a full-size model is filled on the GPU in seconds)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -39,15 +40,15 @@ def build_model(layers: int, dtype: torch.dtype, seed: int, shape: str = "llama3
                          rope_theta=500000.0, tie_word_embeddings=False)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu").to(dtype)
-    model.model.rotary_emb = LlamaRotaryEmbedding(config)  # its inv_freq buffer was on meta
-    gen = torch.Generator().manual_seed(seed)
+    model = model.to_empty(device=device).to(dtype)
+    model.model.rotary_emb = LlamaRotaryEmbedding(config).to(device)  # its inv_freq buffer was on meta
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02).to(dtype))
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32, device=device).mul_(0.02).to(dtype))
     return model.eval()
 
 

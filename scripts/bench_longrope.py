@@ -57,6 +57,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--max-minutes", type=float, default=30.0, help="skip what would start after this")
     ap.add_argument("--time-one-eval", action="store_true", help="time one LongRoPE2 candidate evaluation, exit")
+    ap.add_argument("--shape", default=None, help="with --time-one-eval: a random-weight model of this shape "
+                    "(scripts/bench_calibration_cost.py SHAPES, e.g. llama3-8b, 32 layers) instead of --model")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="out/bench-longrope")
     return ap.parse_args()
@@ -122,18 +124,33 @@ def time_one_eval(args: argparse.Namespace) -> None:
     from effllm_tools.runner import resolve_device
 
     device = resolve_device(args.device)
-    loaded = load_model(args.model, device=device, dtype=args.dtype)
+    loaded = load_model(args.model, device="cpu" if args.shape else device, dtype=args.dtype)
+    model = loaded.model
+    if args.shape:  # the demo's tokenizer feeds a random model of a real shape (timing only)
+        from bench_calibration_cost import FULL_LAYERS, build_model
+
+        model = build_model(FULL_LAYERS, getattr(torch, args.dtype), args.seed, args.shape, device=device)
     hay = load_haystack(loaded.tokenizer, "austen-emma")
     doc = needle_document(hay, args.target, 3, random.Random(0))
-    base, dim = rope.rope_base_and_dim(loaded.model.config)
-    s = args.target / loaded.model.config.max_position_embeddings
-    t0 = time.perf_counter()
-    with installed_rope(loaded.model, rope.ntk_factors(s, dim), rope.su_mscale(s, loaded.model.config.max_position_embeddings)):
-        nll = answer_nll(loaded.model, [doc], device)
-    dt = time.perf_counter() - t0
+    base, dim = rope.rope_base_and_dim(model.config)
+    orig = model.config.max_position_embeddings
+    s = args.target / orig
+    times, nll = [], float("nan")
+    with installed_rope(model, rope.ntk_factors(s, dim), rope.su_mscale(s, orig)):
+        for _ in range(2 if device.startswith("cuda") else 1):  # on CUDA the first call also warms up
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            nll = answer_nll(model, [doc], device)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    dt = times[-1]
     full = 64 + 40 * 32  # official budget: initial population + 40 iterations x (16 mutations + 16 crossovers)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
     print(json.dumps({"device": device, "dtype": args.dtype, "threads": torch.get_num_threads(), "tokens": args.target,
-                      "one_document_s": dt, "answer_nll": nll, "full_search_evaluations": full,
+                      "model": args.shape or args.model, "original_window": orig, "times_s": times,
+                      "peak_gib": peak, "one_document_s": dt, "answer_nll": nll, "full_search_evaluations": full,
                       "full_search_hours_4_documents": dt * 4 * full / 3600}))
 
 

@@ -1,26 +1,75 @@
 #!/usr/bin/env bash
 # One GPU call for the demo-model quality tables (after scripts/gpu/stage_demo.sh and the `stage`
-# call, see scripts/README.md): pruning and quantization suites, the long-context table, the GPU
-# tests and the SpQR / GPTQ calibration cost on one Llama-3-8B-shaped layer, side by side (the demo
-# model leaves the H200 mostly idle). Results (at most 8 files) go to $OUT.
-#   run(carry=[".gguf-b", ".whl"], command="bash scripts/gpu/quality_session.sh 400 prune quant lr pytest cost")
-limit=${1:-400}
+# call, see scripts/README.md): the named jobs run side by side (the demo model leaves the H200
+# mostly idle), each under the time limit; everything comes back as $OUT/results.tgz + $OUT/logs.txt.
+#   run(carry=[".gguf-b", ".whl"], command="bash scripts/gpu/quality_session.sh 540 prune quant longrope")
+# Jobs:
+#   prune-tuned wanda++ with RO at ro_lr=1e-4 at 2:4, 4:8, 50% (one process)
+#   longrope2   LongRoPE2 searches only (mscale su and none), population 64 x 20 iterations
+#   spqr-pd     SpQR 3-bit recipe at percdamp 0.1, then GPTQ 4-bit g64 (its own defaults)
+#   prune       magnitude, wanda, wanda++ (gradient score only / with RO) at 50%, 2:4, 4:8, one process
+#               per pattern, then wanda++ with RO at ro_lr=1e-4 (the recipe's tuned rate)
+#   ro-lr       wanda++ 2:4 at ro_lr 1e-5, 3e-5, 3e-4, 1e-3 (the learning-rate sweep)
+#   quant       the quant suite (rtn, gptq at 3/4 bits, SpQR recipes)
+#   spqr-sweep  SpQR 3-bit recipe with other percdamp / act_order / tau (the bits-vs-quality sweep)
+#   longrope    base, pi, ntk, yarn, LongRoPE v1 / v2 (mscale su and none) at 32k, population 64 x 20 iterations
+#   lr-cost     one LongRoPE2 candidate on a Llama-3-8B-shaped model (random weights) at 32k and 128k
+#   pytest      the GPU tests
+#   cost        SpQR / GPTQ calibration cost on one Llama-3-8B-shaped layer
+limit=${1:-540}
 shift
-jobs=" ${*:-prune quant lr pytest cost} "
+jobs=" ${*:-prune quant longrope} "
 want() { [[ "$jobs" == *" $1 "* ]]; }
 source scripts/gpu/remote_env.sh >/dev/null 2>&1
+export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2  # ten jobs at 16 threads each starve the 16 cores (seen)
 python3 -c "from effllm_tools.io.demo import ensure_demo_checkpoint as e; print(e())" || exit 1
-mins=$(python3 -c "print(($limit - 90) / 60)")
+mins=$(python3 -c "print(($limit - 60) / 60)")
 t=/tmp/effllm-session && rm -rf $t && mkdir -p $t
-want prune && timeout "$limit" python3 scripts/bench_quality.py --suite prune --device cuda --out $t/prune --max-minutes "$mins" >$t/prune.log 2>&1 &
-want quant && timeout "$limit" python3 scripts/bench_quality.py --suite quant --device cuda --out $t/quant --max-minutes "$mins" >$t/quant.log 2>&1 &
-want lr && timeout "$limit" python3 scripts/bench_longrope.py --device cuda --out $t/lr --max-minutes "$mins" \
-    --methods base,longrope2,yarn,ntk,pi,longrope,longrope2-af1 --ppl-tokens 65536 >$t/lr.log 2>&1 &
+q() { local out=$1; shift; timeout "$limit" python3 scripts/bench_quality.py --device cuda --max-minutes "$mins" --out "$t/$out" "$@"; }
+bl() { local out=$1; shift; timeout "$limit" python3 scripts/bench_longrope.py --device cuda --max-minutes "$mins" --out "$t/$out" \
+    --ppl-tokens 65536 --passkey-trials 4 --search-population 64 --search-iterations 20 "$@"; }
+if want prune; then
+    for tag in 0.5 2of4 4of8; do
+        ( q "prune-$tag" --suite prune --rows "magnitude-$tag,wanda-$tag,wanda++grad-$tag,wanda++-$tag"
+          q "prune-tuned-$tag" --suite prune --rows "wanda++-$tag" --set ro_lr=1e-4 ) >"$t/prune-$tag.log" 2>&1 &
+    done
+fi
+if want prune-tuned; then
+    q prune-tuned --suite prune --rows wanda++-2of4,wanda++-4of8,wanda++-0.5 --set ro_lr=1e-4 >"$t/prune-tuned.log" 2>&1 &
+fi
+if want ro-lr; then
+    ( for lr in 1e-5 3e-5 3e-4 1e-3; do q "ro-lr-$lr" --suite prune --rows wanda++-2of4 --set ro_lr=$lr; done ) >"$t/ro-lr.log" 2>&1 &
+fi
+# SpQR quality needs no fast kernel: the reference path keeps these rows independent of kernel work.
+want quant && EFFLLM_KERNELS=reference q quant --suite quant >"$t/quant.log" 2>&1 &
+if want spqr-sweep; then
+    ( EFFLLM_KERNELS=reference q spqr-pd0.1 --suite quant --rows spqr-3bit --set percdamp=0.1
+      EFFLLM_KERNELS=reference q spqr-pd0.01 --suite quant --rows spqr-3bit --set percdamp=0.01 ) >"$t/spqr-a.log" 2>&1 &
+    ( EFFLLM_KERNELS=reference q spqr-noact --suite quant --rows spqr-3bit --set act_order=false
+      EFFLLM_KERNELS=reference q spqr-tau0.45 --suite quant --rows spqr-3bit --set outlier_threshold=0.45 ) >"$t/spqr-b.log" 2>&1 &
+fi
+if want longrope2; then
+    bl lr-v2 --methods longrope2 >"$t/lr-v2.log" 2>&1 &
+    bl lr-none --methods longrope2-none >"$t/lr-none.log" 2>&1 &
+fi
+if want spqr-pd; then
+    ( EFFLLM_KERNELS=reference q spqr-pd0.1 --suite quant --rows spqr-3bit --set percdamp=0.1
+      EFFLLM_KERNELS=reference q gptq-w4 --suite quant --rows gptq-w4g64 ) >"$t/spqr-pd.log" 2>&1 &
+fi
+if want longrope; then
+    bl lr-base --methods base,pi,ntk,yarn,longrope2-none >"$t/lr-base.log" 2>&1 &
+    bl lr-v2 --methods longrope2 >"$t/lr-v2.log" 2>&1 &
+    bl lr-v1 --methods longrope --search-population 32 --search-iterations 10 >"$t/lr-v1.log" 2>&1 &
+fi
+if want lr-cost; then
+    ( for n in 32768 131072; do
+        timeout "$limit" python3 scripts/bench_longrope.py --time-one-eval --shape llama3-8b --device cuda --target $n
+      done ) >"$t/lr-cost.log" 2>&1 &
+fi
 want pytest && timeout "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider tests >$t/pytest.log 2>&1 &
 want cost && ( for m in spqr gptq; do timeout $((limit / 2)) python3 scripts/bench_calibration_cost.py --method $m --layers 1 --out $t/cost-$m; done ) >$t/cost.log 2>&1 &
 wait
-cp $t/prune/prune.md $t/prune/prune.json $t/quant/quant.md $t/quant/quant.json "$OUT"/ 2>/dev/null
-cp $t/lr/table.md "$OUT"/lr_table.md 2>/dev/null; cp $t/lr/results.json "$OUT"/lr_results.json 2>/dev/null
-cat $t/cost-*/*.json > "$OUT"/cost.json 2>/dev/null
-for f in pytest cost prune quant lr; do echo "=== $f"; tail -c 12000 $t/$f.log; done > "$OUT"/logs.txt
-cat "$OUT"/*.md; tail -3 $t/pytest.log
+(cd $t && find . -name ckpt -prune -o \( -name '*.md' -o -name '*.json' -o -name '*.log' \) -print | grep -v eval-text \
+    | tar -czf "$OUT"/results.tgz -T -)
+for f in $t/*.log; do echo "=== $f"; tail -c 3000 "$f"; done > "$OUT"/logs.txt
+find $t -name '*.md' -not -path '*eval-text*' | sort | xargs tail -n 30

@@ -15,13 +15,7 @@ from effllm_tools.methods.gptq.algorithm import (
 )
 from effllm_tools.methods.rtn.algorithm import dequantize_codes, quantize_rtn
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def correlated_inputs(seed: int, k: int, rows: int = 1024, skew: float = 1.0) -> torch.Tensor:

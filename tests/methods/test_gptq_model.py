@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import torch
@@ -14,44 +11,17 @@ import torch
 from effllm_tools.methods.gptq.method import GPTQConfig, apply_gptq, make_on_layer
 from effllm_tools.methods.rtn.format import RTNLinear
 from effllm_tools.methods.rtn.method import RTNConfig, apply_rtn
-from effllm_tools.pipeline import get_arch, make_fingerprint, run_layerwise
-from effllm_tools.reporting import Reporter
 from tests.conftest import parse_json_stdout, run_cli
-from tests.tiny_models import VOCAB, build_model
+from tests.methods.helpers import (
+    assert_same_packed_modules,
+    kl_to,
+    random_ids,
+    stage_ctx,
+    straight_and_resumed,
+)
+from tests.tiny_models import build_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def stage_ctx(model: torch.nn.Module, ids: torch.Tensor, state_dir: Path | None = None,
-              resume: bool = False) -> Any:
-    """The parts of runner.StageContext that the quantize stages use."""
-    modules: dict[str, dict] = {}
-    logs: list[str] = []
-    reporter = Reporter()
-    reporter.info = logs.append  # type: ignore[method-assign]
-    return SimpleNamespace(logs=logs,
-        model=model, arch=get_arch(model), layers_prefix="model.layers", device="cpu", reporter=reporter,
-        progress_iter=lambda items, label: reporter.progress_iter(items, label), modules=modules,
-        record_module=modules.__setitem__, calibration=lambda: SimpleNamespace(input_ids=ids),
-        state_dir=state_dir, resume=resume,
-    )
-
-
-def random_ids(seed: int, n: int, length: int = 32) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
-
-
-def kl_to(base: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor) -> float:
-    with torch.no_grad():
-        p = torch.log_softmax(base(ids).logits.float(), -1)
-        q = torch.log_softmax(model(ids).logits.float(), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_gptq_beats_rtn_at_three_bits_on_held_out_tokens():
@@ -72,32 +42,13 @@ def test_gptq_beats_rtn_at_three_bits_on_held_out_tokens():
 
 
 def test_resume_after_a_crash_gives_the_same_codes(tmp_path):
-    base = build_model("qwen3", seed=2)
-    ids = random_ids(3, 4, 16)
     cfg = GPTQConfig(bits=4, group_size=16, act_order=True)
-    straight = copy.deepcopy(base)
-    apply_gptq(stage_ctx(straight, ids), cfg)
-
-    crashed = copy.deepcopy(base)
-    on_layer = make_on_layer(cfg)
-
-    def crash_at_two(lctx):
-        if lctx.index == 2:
-            raise KeyboardInterrupt
-        on_layer(lctx)
-
-    fingerprint = make_fingerprint(crashed, ids, {"method": "gptq", **cfg.__dict__})
-    with pytest.raises(KeyboardInterrupt):
-        run_layerwise(crashed, ids, crash_at_two, state_dir=tmp_path, fingerprint=fingerprint)
-    resumed = copy.deepcopy(base)
-    ctx = stage_ctx(resumed, ids, state_dir=tmp_path, resume=True)
-    metrics = apply_gptq(ctx, cfg).metrics
+    straight, resumed, ctx, metrics = straight_and_resumed(build_model("qwen3", seed=2), random_ids(3, 4, 16), cfg,
+                                                           "gptq", apply_gptq, make_on_layer, tmp_path)
     assert metrics["quantized_modules"] == 21 and len(ctx.modules) == 21
     assert ctx.logs == ["gptq: resumed after layer 1"]
-    for (name, a), b in zip(straight.named_modules(), resumed.modules(), strict=True):
-        if isinstance(a, RTNLinear):
-            assert isinstance(b, RTNLinear) and torch.equal(a.qweight, b.qweight), name
-            assert torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros), name
+    assert ctx.progress == ["open gptq layers"] + ["advance"] * 3 + ["close"]  # 2 resumed layers count as done
+    assert assert_same_packed_modules(straight, resumed, RTNLinear) == 21
 
 
 def test_ignore_keeps_modules_dense():

@@ -19,6 +19,7 @@ from effllm_tools.methods.prune.algorithm import (
     wanda_scores,
 )
 from tests.conftest import run_cli
+from tests.methods.helpers import random_ids, stage_ctx, straight_and_resumed
 from tests.tiny_models import ARCH_NAMES, NUM_SAMPLES, SEQ_LEN, VOCAB, build_model
 
 
@@ -135,25 +136,6 @@ def test_recipe_accepts_float_and_string_sparsity():
         assert parse_recipe(raw).stages[0].config.pattern() == parse_sparsity(value)
 
 
-class _Ctx:
-    """The slice of runner.StageContext that the prune stages use."""
-
-    def __init__(self, model, ids):
-        from effllm_tools.pipeline.arch import get_arch
-        from effllm_tools.runner import layers_prefix_of
-
-        self.model, self.device, self.state_dir, self.resume = model, "cpu", None, False
-        self.arch = get_arch(model)
-        self.layers_prefix = layers_prefix_of(model, self.arch)
-        self._ids = ids
-
-    def progress_iter(self, items, label):
-        return items
-
-    def calibration(self):
-        return type("Cal", (), {"input_ids": self._ids})()
-
-
 @torch.no_grad()
 def _reference_wanda(model, ids, pattern):
     """Official-code order on the whole model: layer i's linear inputs are measured by a full forward
@@ -175,7 +157,7 @@ def test_wanda_pipeline_matches_a_whole_model_reference_on_every_family(arch):
     torch.set_num_threads(1)
     ids = torch.randint(0, VOCAB, (NUM_SAMPLES, SEQ_LEN), generator=torch.Generator().manual_seed(3))
     model, reference, dense = build_model(arch), build_model(arch), build_model(arch)
-    metrics = apply_wanda(_Ctx(model, ids), WandaConfig(sparsity="0.5")).metrics
+    metrics = apply_wanda(stage_ctx(model, ids), WandaConfig(sparsity="0.5")).metrics
     _reference_wanda(reference, ids, "0.5")
     got, want, orig = model.state_dict(), reference.state_dict(), dense.state_dict()
     linear_keys = [k for k in got if ".layers." in k and k.endswith("proj.weight")]
@@ -212,11 +194,26 @@ def _input_sq_norms(model, ids, modules: dict[str, torch.nn.Module]) -> dict[str
     return norms
 
 
+def test_wanda_resumes_after_a_crash_from_its_own_state_dir(tmp_path):
+    from effllm_tools.methods.prune.method import WandaConfig, apply_wanda, prune_targets, wanda_layer_fn
+
+    cfg, base = WandaConfig(sparsity="2:4"), build_model("llama", seed=1)
+    straight, resumed, ctx, metrics = straight_and_resumed(
+        base, random_ids(3, 4, 16), cfg, "wanda", apply_wanda,
+        lambda c: wanda_layer_fn(prune_targets(base, "model.layers", c), c.pattern()), tmp_path, own_state_dir=True)
+    assert ctx.logs == ["wanda: resumed after layer 1"] and metrics["resumed_layers"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["wanda"]
+    assert ctx.progress == ["open wanda layers"] + ["advance"] * 3 + ["close"]
+    assert metrics["weight_sparsity"] == 0.5
+    for (key, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+
+
 def test_magnitude_ignore_leaves_modules_dense():
     from effllm_tools.methods.prune.method import MagnitudeConfig, apply_magnitude
 
     model, dense = build_model("llama"), build_model("llama")
-    metrics = apply_magnitude(_Ctx(model, None), MagnitudeConfig(sparsity="4:8", ignore=[r"down_proj$"])).metrics
+    metrics = apply_magnitude(stage_ctx(model, None), MagnitudeConfig(sparsity="4:8", ignore=[r"down_proj$"])).metrics
     assert metrics["pruned_modules"] == 3 * 6 and metrics["weight_sparsity"] == 0.5
     for name, mod in model.named_modules():
         if name.endswith("down_proj"):

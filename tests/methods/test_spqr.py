@@ -27,13 +27,7 @@ from effllm_tools.methods.spqr.method import SpQRConfig, _quantize_group
 from effllm_tools.methods.spqr.stats import leave_one_out_gain, quantize_statistic
 from tests.methods.test_gptq import correlated_inputs, hessian_of
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def problem(seed: int, n: int = 40, k: int = 96, skew: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

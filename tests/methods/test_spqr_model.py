@@ -15,18 +15,17 @@ from effllm_tools.io.inspect import inspect_checkpoint
 from effllm_tools.methods.rtn.method import RTNConfig, apply_rtn
 from effllm_tools.methods.spqr.format import SpQRLinear
 from effllm_tools.methods.spqr.method import SpQRConfig, apply_spqr, make_on_layer
-from effllm_tools.pipeline import make_fingerprint, run_layerwise
 from tests.conftest import parse_json_stdout, run_cli
-from tests.methods.test_gptq_model import kl_to, random_ids, stage_ctx
+from tests.methods.helpers import (
+    assert_same_packed_modules,
+    kl_to,
+    random_ids,
+    stage_ctx,
+    straight_and_resumed,
+)
 from tests.tiny_models import build_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def text_windows(length: int = 64) -> torch.Tensor:
@@ -76,32 +75,12 @@ def test_spqr_beats_rtn_with_fewer_bits_on_a_trained_tiny_model():
 
 
 def test_resume_after_a_crash_gives_the_same_tensors(tmp_path):
-    base = build_model("qwen3", seed=2)
-    ids = random_ids(3, 4, 16)
     cfg = SpQRConfig(bits=3, group_size=16, outlier_threshold=0.1)
-    straight = copy.deepcopy(base)
-    apply_spqr(stage_ctx(straight, ids), cfg)
-    crashed = copy.deepcopy(base)
-    on_layer = make_on_layer(cfg)
-
-    def crash_at_two(lctx):
-        if lctx.index == 2:
-            raise KeyboardInterrupt
-        on_layer(lctx)
-
-    fingerprint = make_fingerprint(crashed, ids, {"method": "spqr", **cfg.__dict__})
-    with pytest.raises(KeyboardInterrupt):
-        run_layerwise(crashed, ids, crash_at_two, state_dir=tmp_path, fingerprint=fingerprint)
-    resumed = copy.deepcopy(base)
-    ctx = stage_ctx(resumed, ids, state_dir=tmp_path, resume=True)
-    metrics = apply_spqr(ctx, cfg).metrics
+    straight, resumed, ctx, metrics = straight_and_resumed(build_model("qwen3", seed=2), random_ids(3, 4, 16), cfg,
+                                                           "spqr", apply_spqr, make_on_layer, tmp_path)
     assert metrics["quantized_modules"] == 21 and len(ctx.modules) == 21 and metrics["outlier_share"] > 0
     assert "spqr: resumed after layer 1" in ctx.logs
-    for (name, a), b in zip(straight.named_modules(), resumed.modules(), strict=True):
-        if isinstance(a, SpQRLinear):
-            assert isinstance(b, SpQRLinear), name
-            for key, value in a.state_dict().items():
-                assert torch.equal(value, b.state_dict()[key]), (name, key)
+    assert assert_same_packed_modules(straight, resumed, SpQRLinear) == 21
 
 
 def in_memory_quantized(model_dir, text, tmp_path):

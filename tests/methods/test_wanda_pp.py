@@ -18,7 +18,7 @@ from effllm_tools.methods.prune.regional import (
     trainable_only,
 )
 from tests.conftest import run_cli
-from tests.methods.test_prune import _Ctx
+from tests.methods.helpers import stage_ctx
 from tests.tiny_models import NUM_SAMPLES, SEQ_LEN, VOCAB, build_model
 
 
@@ -95,8 +95,8 @@ def test_alpha_zero_without_ro_equals_wanda_on_the_pipeline():
     ids = torch.randint(0, VOCAB, (NUM_SAMPLES, SEQ_LEN), generator=torch.Generator().manual_seed(3))
     for pattern in ("0.5", "2:4"):
         a, b = build_model("llama"), build_model("llama")
-        apply_wanda_pp(_Ctx(a, ids), WandaPPConfig(sparsity=pattern, alpha=0.0, ro_enabled=False))
-        apply_wanda(_Ctx(b, ids), WandaConfig(sparsity=pattern))
+        apply_wanda_pp(stage_ctx(a, ids), WandaPPConfig(sparsity=pattern, alpha=0.0, ro_enabled=False))
+        apply_wanda(stage_ctx(b, ids), WandaConfig(sparsity=pattern))
         for (k, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
             assert torch.equal(x, y), (pattern, k)
 
@@ -121,7 +121,7 @@ def test_wanda_pp_exact_patterns_and_ro_lowers_the_block_error(dtype):
     for name, cfg in {"grad": WandaPPConfig(sparsity="2:4", ro_enabled=False),
                       "ro": WandaPPConfig(sparsity="2:4", ro_lr=1e-4, ro_rounds=3)}.items():
         model = build_model("llama").to(dtype)
-        metrics = apply_wanda_pp(_Ctx(model, ids), cfg).metrics
+        metrics = apply_wanda_pp(stage_ctx(model, ids), cfg).metrics
         assert metrics["weight_sparsity"] == 0.5 and metrics["pruned_modules"] == 21
         for n, p in model.named_parameters():
             assert p.dtype == dtype, n
@@ -140,7 +140,7 @@ def test_wanda_pp_unstructured_ratio_is_exact_per_row():
     torch.set_num_threads(1)
     ids = torch.randint(0, VOCAB, (NUM_SAMPLES, SEQ_LEN), generator=torch.Generator().manual_seed(5))
     model = build_model("qwen3")
-    apply_wanda_pp(_Ctx(model, ids), WandaPPConfig(sparsity="0.3", ro_rounds=2))
+    apply_wanda_pp(stage_ctx(model, ids), WandaPPConfig(sparsity="0.3", ro_rounds=2))
     for n, p in model.named_parameters():
         if n.endswith("proj.weight"):
             assert ((p == 0).sum(1) == int(0.3 * p.shape[1])).all(), n
@@ -200,7 +200,7 @@ def test_wanda_pp_on_cuda_bf16_with_autocast_ro():
 
     ids = torch.randint(0, VOCAB, (NUM_SAMPLES, SEQ_LEN), generator=torch.Generator().manual_seed(8))
     model = build_model("llama").to(torch.bfloat16)
-    ctx = _Ctx(model, ids)
+    ctx = stage_ctx(model, ids)
     ctx.device = "cuda"
     metrics = apply_wanda_pp(ctx, WandaPPConfig(sparsity="2:4")).metrics
     assert metrics["weight_sparsity"] == 0.5 and len(metrics["ro_loss_first_last_per_layer"]) == 3
@@ -221,7 +221,10 @@ def test_shipped_wanda_pp_recipe_runs(tiny_llama, tmp_path, sample_text):
                                      "calibration.nsamples=4", "calibration.seqlen=32",
                                      f"output.path={tmp_path / 'r'}", "wanda++.ro_rounds=1"])
     cfg = recipe.stages[0].config
-    assert (cfg.alpha, cfg.ro_enabled, cfg.ro_samples, cfg.ro_lr, cfg.pattern().describe()) == (100.0, True, 32, 3e-7, "2:4")
+    assert (cfg.alpha, cfg.ro_enabled, cfg.ro_samples, cfg.ro_lr, cfg.pattern().describe()) == (100.0, True, 32, 1e-4, "2:4")
+    from effllm_tools.methods.prune.wanda_pp import WandaPPConfig
+
+    assert WandaPPConfig().ro_lr == 3e-7  # the key's default stays the paper's; the recipe ships the tuned rate
     torch.set_num_threads(1)
     res = run_recipe(recipe, device="cpu")
     assert res["metrics"]["weight_sparsity"] == 0.5 and res["metrics"]["sparsity_pattern"] == "2:4"

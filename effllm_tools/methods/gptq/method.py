@@ -11,8 +11,8 @@ later layers see the quantized weights. The result is stored in the ``rtn`` form
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,7 +20,12 @@ from torch import nn
 
 from effllm_kernels.packing import pack_codes
 from effllm_tools.errors import BadInputError
-from effllm_tools.methods.common import check_ignore_patterns, replace_module
+from effllm_tools.methods.common import (
+    RestoreLayer,
+    check_ignore_patterns,
+    replace_module,
+    run_calibrated_layers,
+)
 from effllm_tools.methods.gptq.algorithm import (
     CholeskyError,
     HessianAccumulator,
@@ -29,7 +34,7 @@ from effllm_tools.methods.gptq.algorithm import (
 )
 from effllm_tools.methods.rtn.algorithm import dequantize_codes, quantize_rtn
 from effllm_tools.methods.rtn.format import RTNLinear
-from effllm_tools.pipeline import LayerContext, decoder_layers, make_fingerprint, run_layerwise
+from effllm_tools.pipeline import LayerContext, decoder_layers
 from effllm_tools.registry import MethodSpec, StageResult, register_method
 
 # Per-linear numbers kept in ctx.artifacts (and so in the resume state): [gptq error, rtn error,
@@ -64,7 +69,8 @@ class GPTQConfig:
         check_ignore_patterns("gptq", self.ignore)
 
 
-def _group_size(cfg: GPTQConfig, in_features: int) -> int:
+def group_size_for(cfg: Any, in_features: int) -> int:
+    """The columns per group for ``in_features`` inputs (``group_size <= 0`` or too large: the whole row)."""
     gs = cfg.group_size
     return in_features if gs <= 0 or gs > in_features else gs
 
@@ -73,7 +79,7 @@ def _packed_module(lin: nn.Linear, codes: torch.Tensor, scales: torch.Tensor, ze
                    cfg: GPTQConfig) -> RTNLinear:
     """An :class:`RTNLinear` holding ``codes`` [N, K] and statistics [N, G], on ``lin``'s device."""
     n, k = lin.weight.shape
-    mod = RTNLinear(k, n, cfg.bits, _group_size(cfg, k), lin.bias is not None, cfg.stats_dtype,
+    mod = RTNLinear(k, n, cfg.bits, group_size_for(cfg, k), lin.bias is not None, cfg.stats_dtype,
                     device=lin.weight.device)
     mod.qweight.copy_(pack_codes(codes, cfg.bits))
     mod.scales.copy_(scales)
@@ -86,7 +92,7 @@ def _packed_module(lin: nn.Linear, codes: torch.Tensor, scales: torch.Tensor, ze
 def quantize_linear(lin: nn.Linear, hessian: torch.Tensor, cfg: GPTQConfig) -> tuple[RTNLinear, torch.Tensor]:
     """GPTQ one linear; returns its packed module and [gptq error, rtn error, retries, percdamp]."""
     w = lin.weight.data
-    gs = _group_size(cfg, w.shape[1])
+    gs = group_size_for(cfg, w.shape[1])
     sd = _DTYPES[cfg.stats_dtype]
     res = gptq_quantize(w, hessian, cfg.bits, gs, symmetric=cfg.symmetric, stats_dtype=sd,
                         percdamp=cfg.percdamp, block_size=cfg.block_size, act_order=cfg.act_order)
@@ -118,23 +124,43 @@ def layer_groups(lctx: LayerContext, cfg: Any) -> list[list[str]]:
     return groups
 
 
-def _quantize_group(lctx: LayerContext, group: list[str], hessian: torch.Tensor, cfg: GPTQConfig,
-                    log: Callable[[str], None]) -> None:
-    """GPTQ each linear of ``group`` with the group's Hessian and swap in its packed module."""
-    for name in group:
-        lin = lctx.layer.get_submodule(name)
-        try:
-            packed, stats = quantize_linear(lin, hessian, cfg)
-        except CholeskyError as err:
-            raise BadInputError(f"gptq: {lctx.name}.{name}: {err}") from None
-        if stats[2] > 0:
-            log(f"gptq: {lctx.name}.{name}: Cholesky failed, retried with percdamp {float(stats[3]):g}")
-        replace_module(lctx.layer, name, packed)
-        lctx.artifacts[name + _STATS] = stats
+QuantizeLinear = Callable[[nn.Linear, torch.Tensor, Any], tuple[nn.Module, torch.Tensor]]
+"""``quantize(lin, hessian, cfg)``: one linear's packed module and its statistics
+[error, rtn error, damping retries, percdamp used, ...]."""
+GroupStep = Callable[[LayerContext, list[str], torch.Tensor, Any, Callable[[str], None]], None]
+
+
+def make_group_step(method: str, quantize: QuantizeLinear, stats_key: str) -> GroupStep:
+    """``quantize_group(lctx, group, hessian, cfg, log)`` for :func:`make_on_layer`.
+
+    Each linear of ``group`` is quantized with the group's shared Hessian (its inputs are the same)
+    and swapped at once for its packed module, so the next group's inputs see it (GPTQ §4, the
+    reference's ``true_sequential``); its statistics go to ``lctx.artifacts[name + stats_key]``.
+    A failed Cholesky factorization even after raising the damping is a bad input (exit 2).
+    """
+
+    def quantize_group(lctx: LayerContext, group: list[str], hessian: torch.Tensor, cfg: Any,
+                       log: Callable[[str], None]) -> None:
+        for name in group:
+            lin = lctx.layer.get_submodule(name)
+            try:
+                packed, stats = quantize(lin, hessian, cfg)
+            except CholeskyError as err:
+                raise BadInputError(f"{method}: {lctx.name}.{name}: {err}") from None
+            if stats[2] > 0:
+                log(f"{method}: {lctx.name}.{name}: Cholesky failed at percdamp {cfg.percdamp:g}, "
+                    f"succeeded after raising it to {float(stats[3]):g}")
+            replace_module(lctx.layer, name, packed)
+            lctx.artifacts[name + stats_key] = stats
+
+    return quantize_group
+
+
+_quantize_group = make_group_step("gptq", quantize_linear, _STATS)
 
 
 def make_on_layer(cfg: Any, log: Callable[[str], None] = lambda _m: None,
-                  quantize_group: Callable[..., None] | None = None) -> Callable[[LayerContext], None]:
+                  quantize_group: GroupStep | None = None) -> Callable[[LayerContext], None]:
     """The per-layer callback for :func:`run_layerwise` (true-sequential or all groups at once).
 
     ``quantize_group(lctx, group, hessian, cfg, log)`` quantizes one group of linears sharing their
@@ -156,17 +182,19 @@ def make_on_layer(cfg: Any, log: Callable[[str], None] = lambda _m: None,
     return on_layer
 
 
-def make_restore(cfg: GPTQConfig, arch: Any) -> Callable[[int, nn.Module, dict[str, torch.Tensor]], None]:
-    """Resume: swap in RTNLinear modules where the saved layer has packed weights, then load it."""
+EmptyModule = Callable[[str, nn.Linear, dict[str, torch.Tensor]], nn.Module]
+"""``empty_module(name, lin, state)``: the packed module that takes ``lin``'s place on resume."""
+
+
+def make_swap_restore(arch: Any, empty_module: EmptyModule) -> RestoreLayer:
+    """Resume: where the saved layer holds packed weights (``{name}.qweight``), swap the linear for
+    ``empty_module(name, lin, state)`` (a packed module of the right shapes), then load the state."""
 
     def restore(index: int, layer: nn.Module, state: dict[str, torch.Tensor]) -> None:
         for name in arch.linear_names:
             lin = layer.get_submodule(name)
             if f"{name}.qweight" in state and isinstance(lin, nn.Linear):
-                empty = torch.zeros(lin.weight.shape[0], lin.weight.shape[1], dtype=torch.uint8)
-                g = -(-lin.weight.shape[1] // _group_size(cfg, lin.weight.shape[1]))
-                ones = torch.ones(lin.weight.shape[0], g)
-                replace_module(layer, name, _packed_module(lin, empty, ones, ones, cfg))
+                replace_module(layer, name, empty_module(name, lin, state))
         try:
             layer.load_state_dict(state, strict=True)
         except RuntimeError as err:
@@ -176,54 +204,55 @@ def make_restore(cfg: GPTQConfig, arch: Any) -> Callable[[int, nn.Module, dict[s
     return restore
 
 
-def _metrics(ctx: Any, artifacts: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-    """Record every packed module's spec; sum storage and the per-linear GPTQ statistics."""
-    stored = weights = 0
+def make_restore(cfg: GPTQConfig, arch: Any) -> RestoreLayer:
+    """Resume: swap in RTNLinear modules where the saved layer has packed weights, then load it."""
+
+    def empty_module(_name: str, lin: nn.Linear, _state: dict[str, torch.Tensor]) -> RTNLinear:
+        n, k = lin.weight.shape
+        ones = torch.ones(n, -(-k // group_size_for(cfg, k)))
+        return _packed_module(lin, torch.zeros(n, k, dtype=torch.uint8), ones, ones, cfg)
+
+    return make_swap_restore(arch, empty_module)
+
+
+def packed_modules(ctx: Any, cls: type[nn.Module]) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """Every ``cls`` module inside the decoder layers with its format spec, recorded in ``ctx``."""
     for index, layer in enumerate(decoder_layers(ctx.model, ctx.arch)):
         for name, mod in layer.named_modules():
-            if isinstance(mod, RTNLinear):
-                ctx.record_module(f"{ctx.layers_prefix}.{index}.{name}", mod.spec())
-                stored += mod.storage_bits()
-                weights += mod.in_features * mod.out_features
-    stats = [t for layer in artifacts for key, t in layer.items() if key.endswith(_STATS)]
+            if isinstance(mod, cls):
+                spec = mod.spec()
+                ctx.record_module(f"{ctx.layers_prefix}.{index}.{name}", spec)
+                yield mod, spec
+
+
+def stats_metrics(artifacts: list[dict[str, torch.Tensor]], stats_key: str, **measures: float) -> dict[str, Any]:
+    """The stage's metrics from the per-linear statistics [error, rtn error, retries, percdamp, ...]:
+    ``quantized_modules``, then ``measures`` (e.g. ``avg_bits``), then the mean ratio of the Hessian
+    errors ``tr(E H E^T)`` (GPTQ eq. 1) to RTN's, the damping retries and the largest percdamp used."""
+    stats = [t for layer in artifacts for key, t in layer.items() if key.endswith(stats_key)]
     ratios = [float(s[0] / s[1]) for s in stats if s[1] > 0]
     return {
         "quantized_modules": len(stats),
-        "avg_bits": stored / max(weights, 1),
-        "hessian_error_vs_rtn": sum(ratios) / max(len(ratios), 1),  # mean of tr(EHE^T) ratios
+        **measures,
+        "hessian_error_vs_rtn": sum(ratios) / max(len(ratios), 1),
         "damping_retries": sum(int(s[2]) for s in stats),
         "max_percdamp": max((float(s[3]) for s in stats), default=0.0),
     }
 
 
-def layer_progress(ctx: Any, num_layers: int, label: str = "gptq layers") -> Callable[[int, int], None]:
-    """``progress(done, total)`` driving the reporter's progress iterator over the layers."""
-    ticks = iter(ctx.progress_iter(list(range(num_layers)), label))
-    seen = [0]
-
-    def progress(done: int, _total: int) -> None:
-        while seen[0] < done:
-            next(ticks, None)
-            seen[0] += 1
-        if done == num_layers:
-            next(ticks, None)  # let the iterator finish (closes its bar)
-
-    return progress
+def _metrics(ctx: Any, artifacts: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Record every packed module's spec; sum storage and the per-linear GPTQ statistics."""
+    stored = weights = 0
+    for mod, _spec in packed_modules(ctx, RTNLinear):
+        stored += mod.storage_bits()
+        weights += mod.in_features * mod.out_features
+    return stats_metrics(artifacts, _STATS, avg_bits=stored / max(weights, 1))
 
 
 def apply_gptq(ctx: Any, cfg: GPTQConfig) -> StageResult:
     """Calibrate layer by layer and replace every target linear by its GPTQ-quantized RTNLinear."""
-    ids = ctx.calibration().input_ids
-    device = torch.device(ctx.device)
-    fingerprint = make_fingerprint(ctx.model, ids, {"method": "gptq", **asdict(cfg)})
-    result = run_layerwise(
-        ctx.model, ids, make_on_layer(cfg, ctx.reporter.warning), device=device,
-        offload_activations=device.type == "cuda", state_dir=ctx.state_dir, resume=ctx.resume,
-        fingerprint=fingerprint, restore_layer=make_restore(cfg, ctx.arch), arch=ctx.arch,
-        progress=layer_progress(ctx, len(decoder_layers(ctx.model, ctx.arch))),
-    )
-    if result.resumed_from:
-        ctx.reporter.info(f"gptq: resumed after layer {result.resumed_from - 1}")
+    result = run_calibrated_layers(ctx, cfg, make_on_layer(cfg, ctx.reporter.warning), method="gptq",
+                                   restore_layer=make_restore(cfg, ctx.arch))
     return StageResult(metrics=_metrics(ctx, result.artifacts))
 
 

@@ -10,7 +10,6 @@ layer's outputs feed the next layer. The output is a dense checkpoint with exact
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from effllm_tools.errors import BadInputError
-from effllm_tools.methods.common import check_ignore_patterns, target_linears
+from effllm_tools.methods.common import check_ignore_patterns, run_calibrated_layers, target_linears
 from effllm_tools.methods.prune.algorithm import (
     SparsityPattern,
     accumulate_sq_norms,
@@ -121,20 +120,6 @@ def apply_magnitude(ctx: Any, cfg: MagnitudeConfig) -> StageResult:
     return StageResult(metrics=sparsity_metrics(targets, ctx.layers_prefix, pattern))
 
 
-def layer_progress(ctx: Any, total: int, label: str) -> Callable[[int, int], None]:
-    """A ``progress(done, total)`` callback for run_layerwise, drawn through ``ctx.progress_iter``."""
-    bar = iter(ctx.progress_iter(list(range(total)), label))
-    next(bar, None)
-    shown = [0]
-
-    def report(done: int, _total: int) -> None:
-        while shown[0] < done:
-            next(bar, None)
-            shown[0] += 1
-
-    return report
-
-
 def layer_groups(lctx: Any, targets: dict[str, nn.Linear]) -> list[list[str]]:
     """This layer's target linears (names relative to the layer) in groups that share one input."""
     names = {rel for rel in lctx.linears() if f"{lctx.name}.{rel}" in targets}
@@ -169,21 +154,12 @@ def wanda_layer_fn(targets: dict[str, nn.Linear], pattern: SparsityPattern) -> C
 
 def apply_wanda(ctx: Any, cfg: WandaConfig) -> StageResult:
     """Wanda, layer by layer on the calibration windows; pruned outputs feed the next layer."""
-    from effllm_tools.pipeline import decoder_layers, make_fingerprint, run_layerwise
-
     pattern = cfg.pattern()
     targets = prune_targets(ctx.model, ctx.layers_prefix, cfg)
-    ids = ctx.calibration().input_ids  # [n, seqlen]
-    num_layers = len(decoder_layers(ctx.model, ctx.arch))
-    state_dir = ctx.state_dir / "wanda" if ctx.state_dir is not None else None
-    fingerprint = make_fingerprint(ctx.model, ids, {"method": "wanda", **dataclasses.asdict(cfg)})
-    result = run_layerwise(
-        ctx.model, ids, wanda_layer_fn(targets, pattern), device=ctx.device, state_dir=state_dir,
-        resume=ctx.resume, fingerprint=fingerprint, progress=layer_progress(ctx, num_layers, "wanda"),
-        arch=ctx.arch,
-    )
+    result = run_calibrated_layers(ctx, cfg, wanda_layer_fn(targets, pattern), method="wanda", own_state_dir=True,
+                                   offload_on_cuda=False)
     metrics = sparsity_metrics(targets, ctx.layers_prefix, pattern)
-    metrics.update(calibration_tokens=int(ids.numel()), resumed_layers=result.resumed_from)
+    metrics.update(calibration_tokens=int(ctx.calibration().input_ids.numel()), resumed_layers=result.resumed_from)
     return StageResult(metrics=metrics)
 
 

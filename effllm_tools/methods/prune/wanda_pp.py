@@ -24,7 +24,6 @@ the dense block. Regional optimization keeps fp32 master weights for the block (
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,12 +33,12 @@ import torch
 from torch import nn
 
 from effllm_tools.errors import BadInputError
+from effllm_tools.methods.common import run_calibrated_layers
 from effllm_tools.methods.prune.algorithm import SparsityPattern, apply_mask_, prune_mask, wanda_pp_scores
 from effllm_tools.methods.prune.method import (
     PruneConfig,
     input_sq_norms,
     layer_groups,
-    layer_progress,
     prune_targets,
     sparsity_metrics,
 )
@@ -191,24 +190,15 @@ def wanda_pp_layer_fn(targets: dict[str, nn.Linear], pattern: SparsityPattern, c
 
 def apply_wanda_pp(ctx: Any, cfg: WandaPPConfig) -> StageResult:
     """Wanda++ layer by layer on the calibration windows; pruned outputs feed the next layer."""
-    from effllm_tools.pipeline import decoder_layers, make_fingerprint, run_layerwise
-
     pattern = cfg.pattern()
     targets = prune_targets(ctx.model, ctx.layers_prefix, cfg)
-    ids = ctx.calibration().input_ids  # [n, seqlen]
     recipe = getattr(ctx, "recipe", None)
     seed = recipe.seed if recipe is not None else 0
-    num_layers = len(decoder_layers(ctx.model, ctx.arch))
-    state_dir = ctx.state_dir / "wanda++" if ctx.state_dir is not None else None
-    fingerprint = make_fingerprint(ctx.model, ids, {"method": "wanda++", "seed": seed, **dataclasses.asdict(cfg)})
     ro_log: list[list[float]] = []
-    result = run_layerwise(
-        ctx.model, ids, wanda_pp_layer_fn(targets, pattern, cfg, seed, ro_log), device=ctx.device,
-        state_dir=state_dir, resume=ctx.resume, fingerprint=fingerprint,
-        progress=layer_progress(ctx, num_layers, "wanda++"), arch=ctx.arch,
-    )
+    result = run_calibrated_layers(ctx, cfg, wanda_pp_layer_fn(targets, pattern, cfg, seed, ro_log), method="wanda++",
+                                   fingerprint_extra={"seed": seed}, own_state_dir=True, offload_on_cuda=False)
     metrics = sparsity_metrics(targets, ctx.layers_prefix, pattern)
-    metrics.update(calibration_tokens=int(ids.numel()), resumed_layers=result.resumed_from)
+    metrics.update(calibration_tokens=int(ctx.calibration().input_ids.numel()), resumed_layers=result.resumed_from)
     if ro_log:
         # Per layer: RO's squared error per sample, mean over its first round and over its last round.
         metrics["ro_loss_first_last_per_layer"] = [[float(f"{v[0]:.6g}"), float(f"{v[-1]:.6g}")] for v in ro_log]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,14 +28,20 @@ from torch import nn
 
 from effllm_kernels.spqr.layout import STAT_FP16
 from effllm_tools.errors import BadInputError, UnsupportedError
-from effllm_tools.methods.common import check_ignore_patterns, replace_module
-from effllm_tools.methods.gptq.algorithm import CholeskyError, hessian_error
-from effllm_tools.methods.gptq.method import layer_progress
+from effllm_tools.methods.common import RestoreLayer, check_ignore_patterns, run_calibrated_layers
+from effllm_tools.methods.gptq.algorithm import hessian_error
+from effllm_tools.methods.gptq.method import (
+    group_size_for,
+    make_group_step,
+    make_swap_restore,
+    packed_modules,
+    stats_metrics,
+)
 from effllm_tools.methods.gptq.method import make_on_layer as gptq_make_on_layer
 from effllm_tools.methods.rtn.algorithm import dequantize_codes, quantize_rtn
 from effllm_tools.methods.spqr.algorithm import spqr_quantize
 from effllm_tools.methods.spqr.format import SpQRLinear
-from effllm_tools.pipeline import LayerContext, decoder_layers, make_fingerprint, run_layerwise
+from effllm_tools.pipeline import LayerContext
 from effllm_tools.registry import MethodSpec, StageResult, register_method
 
 # Per-linear numbers kept in ctx.artifacts (and so in the resume state):
@@ -98,19 +104,7 @@ def quantize_linear(lin: nn.Linear, hessian: torch.Tensor, cfg: SpQRConfig) -> t
     return SpQRLinear.from_tensors(res.tensors, bias), stats
 
 
-def _quantize_group(lctx: LayerContext, group: list[str], hessian: torch.Tensor, cfg: SpQRConfig,
-                    log: Callable[[str], None]) -> None:
-    for name in group:
-        lin = lctx.layer.get_submodule(name)
-        try:
-            packed, stats = quantize_linear(lin, hessian, cfg)
-        except CholeskyError as err:
-            raise BadInputError(f"spqr: {lctx.name}.{name}: {err}") from None
-        if stats[2] > 0:
-            log(f"spqr: {lctx.name}.{name}: Cholesky failed at percdamp {cfg.percdamp:g}, "
-                f"succeeded after raising it to {float(stats[3]):g}")
-        replace_module(lctx.layer, name, packed)
-        lctx.artifacts[name + _STATS] = stats
+_quantize_group = make_group_step("spqr", quantize_linear, _STATS)
 
 
 def make_on_layer(cfg: SpQRConfig, log: Callable[[str], None] = lambda _m: None) -> Callable[[LayerContext], None]:
@@ -118,65 +112,33 @@ def make_on_layer(cfg: SpQRConfig, log: Callable[[str], None] = lambda _m: None)
     return gptq_make_on_layer(cfg, log, _quantize_group)
 
 
-def make_restore(cfg: SpQRConfig, arch: Any) -> Callable[[int, nn.Module, dict[str, torch.Tensor]], None]:
+def make_restore(cfg: SpQRConfig, arch: Any) -> RestoreLayer:
     """Resume: rebuild SpQRLinear modules (outlier counts from the saved state), then load the layer."""
 
-    def restore(index: int, layer: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        for name in arch.linear_names:
-            lin = layer.get_submodule(name)
-            if f"{name}.qweight" in state and isinstance(lin, nn.Linear):
-                n, k = lin.weight.shape
-                gs = k if cfg.group_size <= 0 or cfg.group_size > k else cfg.group_size
-                mod = SpQRLinear(k, n, cfg.bits, gs, cfg.stat_bits, cfg.stat_group,
-                                 int(state[f"{name}.outlier_val"].numel()), f"{name}.perm" in state,
-                                 lin.bias is not None, device=lin.weight.device)
-                replace_module(layer, name, mod)
-        try:
-            layer.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise BadInputError(f"resume state of decoder layer {index} does not fit the model: "
-                                f"{str(err).strip().splitlines()[0]}") from err
+    def empty_module(name: str, lin: nn.Linear, state: dict[str, torch.Tensor]) -> SpQRLinear:
+        n, k = lin.weight.shape
+        outliers = int(state[f"{name}.outlier_val"].numel())
+        return SpQRLinear(k, n, cfg.bits, group_size_for(cfg, k), cfg.stat_bits, cfg.stat_group, outliers,
+                          f"{name}.perm" in state, lin.bias is not None, device=lin.weight.device)
 
-    return restore
+    return make_swap_restore(arch, empty_module)
 
 
 def _metrics(ctx: Any, artifacts: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
     """Record every module's spec; the parameter-weighted exact average bits and outlier share."""
     bits = params = nnz = 0.0
-    for index, layer in enumerate(decoder_layers(ctx.model, ctx.arch)):
-        for name, mod in layer.named_modules():
-            if isinstance(mod, SpQRLinear):
-                spec = mod.spec()
-                ctx.record_module(f"{ctx.layers_prefix}.{index}.{name}", spec)
-                size = mod.in_features * mod.out_features
-                bits += spec["avg_bits"] * size
-                params += size
-                nnz += mod.nnz
-    stats = [t for layer in artifacts for key, t in layer.items() if key.endswith(_STATS)]
-    ratios = [float(s[0] / s[1]) for s in stats if s[1] > 0]
-    return {
-        "quantized_modules": len(stats),
-        "avg_bits": bits / max(params, 1),
-        "outlier_share": nnz / max(params, 1),
-        "hessian_error_vs_rtn": sum(ratios) / max(len(ratios), 1),  # mean of tr(EHE^T) ratios
-        "damping_retries": sum(int(s[2]) for s in stats),
-        "max_percdamp": max((float(s[3]) for s in stats), default=0.0),
-    }
+    for mod, spec in packed_modules(ctx, SpQRLinear):
+        size = mod.in_features * mod.out_features
+        bits += spec["avg_bits"] * size
+        params += size
+        nnz += mod.nnz
+    return stats_metrics(artifacts, _STATS, avg_bits=bits / max(params, 1), outlier_share=nnz / max(params, 1))
 
 
 def apply_spqr(ctx: Any, cfg: SpQRConfig) -> StageResult:
     """Calibrate layer by layer and replace every target linear by its SpQRLinear."""
-    ids = ctx.calibration().input_ids
-    device = torch.device(ctx.device)
-    fingerprint = make_fingerprint(ctx.model, ids, {"method": "spqr", **asdict(cfg)})
-    result = run_layerwise(
-        ctx.model, ids, make_on_layer(cfg, ctx.reporter.warning), device=device,
-        offload_activations=device.type == "cuda", state_dir=ctx.state_dir, resume=ctx.resume,
-        fingerprint=fingerprint, restore_layer=make_restore(cfg, ctx.arch), arch=ctx.arch,
-        progress=layer_progress(ctx, len(decoder_layers(ctx.model, ctx.arch)), "spqr layers"),
-    )
-    if result.resumed_from:
-        ctx.reporter.info(f"spqr: resumed after layer {result.resumed_from - 1}")
+    result = run_calibrated_layers(ctx, cfg, make_on_layer(cfg, ctx.reporter.warning), method="spqr",
+                                   restore_layer=make_restore(cfg, ctx.arch))
     metrics = _metrics(ctx, result.artifacts)
     ctx.reporter.info(f"spqr: {metrics['quantized_modules']} linears, {metrics['avg_bits']:.4f} average bits, "
                       f"{metrics['outlier_share']:.3%} outliers")
