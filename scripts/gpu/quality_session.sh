@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU call for the demo-model quality tables (after scripts/gpu/stage_demo.sh and the `stage`
 # call, see scripts/README.md): the named jobs run side by side (the demo model leaves the H200
-# mostly idle), each under the time limit; everything comes back as $OUT/results.tgz + $OUT/logs.txt.
+# mostly idle), all before one deadline LIMIT seconds away (give the call a timeout_s a minute longer);
+# everything comes back as $OUT/results.tgz + $OUT/logs.txt.
 #   run(carry=[".gguf-b", ".whl"], command="bash scripts/gpu/quality_session.sh 540 prune quant longrope")
 # Jobs:
 #   prune-tuned wanda++ with RO at ro_lr=1e-4 at 2:4, 4:8, 50% (one process)
@@ -25,8 +26,10 @@ export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2  # ten jobs at 16 threads each starve
 python3 -c "from effllm_tools.io.demo import ensure_demo_checkpoint as e; print(e())" || exit 1
 mins=$(python3 -c "print(($limit - 60) / 60)")
 t=/tmp/effllm-session && rm -rf $t && mkdir -p $t
-q() { local out=$1; shift; timeout "$limit" python3 scripts/bench_quality.py --device cuda --max-minutes "$mins" --out "$t/$out" "$@"; }
-bl() { local out=$1; shift; timeout "$limit" python3 scripts/bench_longrope.py --device cuda --max-minutes "$mins" --out "$t/$out" \
+deadline=$(( $(date +%s) + limit ))  # one deadline for every job: chained jobs share it (a chain of
+left() { echo $(( deadline - $(date +%s) )); }   # full-limit timeouts once outran the call)
+q() { local out=$1; shift; timeout "$(left)" python3 scripts/bench_quality.py --device cuda --max-minutes "$mins" --out "$t/$out" "$@"; }
+bl() { local out=$1; shift; timeout "$(left)" python3 scripts/bench_longrope.py --device cuda --max-minutes "$mins" --out "$t/$out" \
     --ppl-tokens 65536 --passkey-trials 4 --search-population 64 --search-iterations 20 "$@"; }
 if want prune; then
     for tag in 0.5 2of4 4of8; do
@@ -63,11 +66,11 @@ if want longrope; then
 fi
 if want lr-cost; then
     ( for n in 32768 131072; do
-        timeout "$limit" python3 scripts/bench_longrope.py --time-one-eval --shape llama3-8b --device cuda --target $n
+        timeout "$(left)" python3 scripts/bench_longrope.py --time-one-eval --shape llama3-8b --device cuda --target $n
       done ) >"$t/lr-cost.log" 2>&1 &
 fi
-want pytest && timeout "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider tests >$t/pytest.log 2>&1 &
-want cost && ( for m in spqr gptq; do timeout $((limit / 2)) python3 scripts/bench_calibration_cost.py --method $m --layers 1 --out $t/cost-$m; done ) >$t/cost.log 2>&1 &
+want pytest && timeout "$(left)" python3 -m pytest -q -m gpu -p no:cacheprovider tests >$t/pytest.log 2>&1 &
+want cost && ( for m in spqr gptq; do timeout "$(left)" python3 scripts/bench_calibration_cost.py --method $m --layers 1 --out $t/cost-$m; done ) >$t/cost.log 2>&1 &
 wait
 (cd $t && find . -name ckpt -prune -o \( -name '*.md' -o -name '*.json' -o -name '*.log' \) -print | grep -v eval-text \
     | tar -czf "$OUT"/results.tgz -T -)
