@@ -23,6 +23,9 @@ app = typer.Typer(
 
 # Options shared by the commands (Typer has no option groups: these aliases keep them identical).
 ModelArg = Annotated[str, typer.Argument(help="Model directory, .gguf file, hub id, or 'demo'.", show_default=False)]
+# Compress verbs take MODEL optionally so that `--list-methods` needs none; _require_model checks it.
+CompressModelArg = Annotated[str | None, typer.Argument(help="Model directory, .gguf file, hub id, or 'demo'.",
+                                                        show_default=False)]
 OutOpt = Annotated[Path | None, typer.Option("-o", "--output", help="Output directory (must not exist unless --overwrite).")]
 MethodOpt = Annotated[str | None, typer.Option("--method", "-m", help="Method name (see --list-methods).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: key=value, e.g. rtn.bits=3.")]
@@ -58,6 +61,14 @@ def _root(
 def _finish(code: int) -> None:
     if code:
         raise typer.Exit(code)
+
+
+def _require_model(model: str | None) -> str:
+    if model is None:
+        from effllm_tools.errors import BadInputError
+
+        raise BadInputError("missing argument MODEL (a model directory, .gguf file, hub id, or 'demo')")
+    return model
 
 
 def _list_methods(ui: Ui, verb: str) -> None:
@@ -109,7 +120,7 @@ def _execute(ui: Ui, recipe: Any, *, device: str, dtype: str, dry_run: bool, res
 
 @app.command()
 def quantize(
-    model: ModelArg, output: OutOpt = None, method: MethodOpt = "rtn",
+    model: CompressModelArg = None, output: OutOpt = None, method: MethodOpt = "rtn",
     bits: Annotated[int | None, typer.Option("--bits", help="Weight bits.")] = None,
     group_size: Annotated[int | None, typer.Option("--group-size", help="Group size (<= 0: per output channel).")] = None,
     symmetric: Annotated[bool | None, typer.Option("--symmetric/--asymmetric", help="Grid type.")] = None,
@@ -124,7 +135,7 @@ def quantize(
         return _finish(run_guarded(ui, lambda: _list_methods(ui, "quantize")))
     keys = {"bits": bits, "group_size": group_size, "symmetric": symmetric}
     _finish(run_guarded(ui, lambda: _compress(
-        ui, "quantize", model, output, method or "rtn", keys, sets=sets, dataset=dataset, field=field,
+        ui, "quantize", _require_model(model), output, method or "rtn", keys, sets=sets, dataset=dataset, field=field,
         nsamples=nsamples, calib_seqlen=calib_seqlen, seed=seed, device=device, dtype=dtype, overwrite=overwrite,
         dry_run=dry_run, resume=resume)))
 
@@ -133,7 +144,7 @@ def _simple_verb(verb: str, default_method: str, doc: str, extra: dict[str, tupl
     """Register a compress verb whose stage keys are the given extra options."""
 
     def command(
-        model: ModelArg, output: OutOpt = None, method: MethodOpt = default_method, sets: SetOpt = None,
+        model: CompressModelArg = None, output: OutOpt = None, method: MethodOpt = default_method, sets: SetOpt = None,
         dataset: DatasetOpt = None, field: FieldOpt = "text", nsamples: NsamplesOpt = None,
         calib_seqlen: SeqlenCalOpt = None, seed: SeedOpt = 0, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
         overwrite: OverwriteOpt = False, dry_run: DryRunOpt = False, resume: ResumeOpt = False, json: JsonOpt = False,
@@ -143,7 +154,7 @@ def _simple_verb(verb: str, default_method: str, doc: str, extra: dict[str, tupl
         if list_methods:
             return _finish(run_guarded(ui, lambda: _list_methods(ui, verb)))
         _finish(run_guarded(ui, lambda: _compress(
-            ui, verb, model, output, method or default_method, keys, sets=sets, dataset=dataset, field=field,
+            ui, verb, _require_model(model), output, method or default_method, keys, sets=sets, dataset=dataset, field=field,
             nsamples=nsamples, calib_seqlen=calib_seqlen, seed=seed, device=device, dtype=dtype,
             overwrite=overwrite, dry_run=dry_run, resume=resume)))
 

@@ -27,6 +27,12 @@ def test_missing_model_path(tmp_path):
     _assert_clean_failure(proc, 2, "no such file or directory", out)
 
 
+@pytest.mark.parametrize("verb", ["quantize", "prune", "extend-context"])
+def test_missing_model_argument(tmp_path, verb):
+    proc = run_cli(verb, "-o", str(tmp_path / "o"))
+    _assert_clean_failure(proc, 2, "missing argument MODEL", tmp_path / "o")
+
+
 def test_truncated_safetensors(tiny_llama, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_llama, broken)

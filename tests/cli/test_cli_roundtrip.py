@@ -18,6 +18,18 @@ def test_version_and_help():
         assert verb in proc.stdout
 
 
+def test_list_methods_needs_no_model():
+    """``--list-methods`` answers without a MODEL; every listed name is a method of that verb."""
+    from effllm_tools.registry import all_methods
+
+    for verb in ("quantize", "prune", "extend-context"):
+        proc = run_cli(verb, "--list-methods", "--json")
+        assert proc.returncode == 0, proc.stderr
+        names = [m["name"] for m in parse_json_stdout(proc.stdout)["methods"]]
+        assert names and sorted(names) == sorted(m.name for m in all_methods().values() if m.verb == verb)
+    assert "wanda++" in run_cli("prune", "--list-methods").stdout
+
+
 def test_quantize_prints_output_dir_and_writes_a_loadable_checkpoint(tiny_llama, tmp_path):
     before = tree_digest(tiny_llama)
     out = tmp_path / "q4"
