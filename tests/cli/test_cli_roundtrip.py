@@ -25,7 +25,7 @@ def test_list_methods_needs_no_model():
     for verb in ("quantize", "prune", "extend-context"):
         proc = run_cli(verb, "--list-methods", "--json")
         assert proc.returncode == 0, proc.stderr
-        names = [m["name"] for m in parse_json_stdout(proc.stdout)["methods"]]
+        names = [m["name"] for m in parse_json_stdout(proc)["methods"]]
         assert names and sorted(names) == sorted(m.name for m in all_methods().values() if m.verb == verb)
     assert "wanda++" in run_cli("prune", "--list-methods").stdout
 
