@@ -25,6 +25,7 @@ from typing import Any
 from effllm_tools.errors import BadInputError, UnsupportedError
 from effllm_tools.methods.longrope import rope
 from effllm_tools.methods.longrope.install import check_plain_rope, rotary_slots
+from effllm_tools.methods.longrope.search import SearchSettings
 from effllm_tools.registry import MethodSpec, StageResult, register_method
 
 
@@ -57,17 +58,11 @@ class YarnConfig(ScalingConfig):
 
 
 @dataclass
-class SearchConfig(ScalingConfig):
-    """Recipe keys of ``longrope`` (v1); defaults from the official ``dim_mono.json``."""
+class SearchConfig(SearchSettings, ScalingConfig):
+    """Recipe keys of ``longrope`` (v1): the evolution's settings (``SearchSettings``, defaults from
+    the official ``dim_mono.json``) and the search space, objective and fine-tuning keys below."""
 
-    population: int = 64
-    iterations: int = 40
-    mutations: int = 16
-    crossovers: int = 16
-    parents: int = 32
     step: float = 0.01
-    mutation_prob: float = 0.3
-    max_crossover_tries: int = 20
     factor_cap: float = 2.0  # searched factors stay <= factor_cap * s
     mscale: str | float = "su"  # attention factor: su (transformers' longrope rule), yarn, none, or a number
     dataset: str = "austen-emma"  # haystack text of the search documents (disjoint from the PPL eval novel)
@@ -79,7 +74,8 @@ class SearchConfig(ScalingConfig):
 
     def validate(self) -> None:
         super().validate()
-        positive = ("population", "mutations", "crossovers", "parents", "samples", "max_crossover_tries")
+        positive = ("population", "mutations", "crossovers", "parents", "samples", "max_crossover_tries",
+                    "max_mutation_tries")
         for name in positive:
             if getattr(self, name) < 1:
                 raise BadInputError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -204,7 +200,7 @@ def run_search(ctx: Any, cfg: SearchConfig, *, v2: bool) -> StageResult:
     """LongRoPE v1 / LongRoPE2: evolutionary search, optional fine-tuning, config write."""
     from effllm_tools.data.needles import load_haystack
     from effllm_tools.methods.longrope.objective import make_objective
-    from effllm_tools.methods.longrope.search import Evolution, SearchSettings
+    from effllm_tools.methods.longrope.search import Evolution
 
     method = "longrope2" if v2 else "longrope"
     check_plain_rope(ctx.model)
@@ -222,10 +218,8 @@ def run_search(ctx: Any, cfg: SearchConfig, *, v2: bool) -> StageResult:
     objective, data_meta = make_objective(ctx.model, hay, kind="needle" if v2 else "ppl", length=length,
                                           samples=cfg.samples, needles=getattr(cfg, "needles", 0), mscale=mscale,
                                           seed=ctx.recipe.seed, device=ctx.device)
-    settings = SearchSettings(cfg.population, cfg.iterations, cfg.mutations, cfg.crossovers, cfg.parents,
-                              cfg.mutation_prob, cfg.max_crossover_tries)
     state = ctx.state_dir / method / "search.json" if ctx.state_dir is not None else None
-    evo = Evolution(space, objective, settings, ctx.recipe.seed, state, _fingerprint(ctx, cfg, method))
+    evo = Evolution(space, objective, cfg, ctx.recipe.seed, state, _fingerprint(ctx, cfg, method))
     t0 = time.perf_counter()
     result = evo.run(init, resume=ctx.resume,
                      progress=lambda steps, total: ctx.reporter.progress_iter(steps, f"{method} search", total=total))

@@ -66,6 +66,8 @@ class SearchSpace:
 
 @dataclass
 class SearchSettings:
+    """The evolution's keys (official ``dim_mono.json`` defaults); ``SearchConfig`` inherits them."""
+
     population: int = 64
     iterations: int = 40
     mutations: int = 16
