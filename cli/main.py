@@ -212,6 +212,19 @@ def run(
     _finish(run_guarded(ui, body))
 
 
+def _gated_result(ui: Ui, res: dict[str, Any], plain: str, gate: str, limit: float | None, *, failed: bool,
+                  message: str) -> None:
+    """Print an evaluation result with its quality gate (``--max-ppl`` / ``--min-accuracy``): a failed
+    gate still prints the result (status ``gate_failed``), then exits 5 with ``message``."""
+    from effllm_tools.errors import QualityGateError
+
+    if limit is not None:
+        res["gate"] = {gate: limit, "passed": not failed}
+    ui.result(res, plain, status="gate_failed" if failed else "ok")
+    if failed:
+        raise QualityGateError(message)
+
+
 @app.command("eval-ppl")
 def eval_ppl(
     model: ModelArg,
@@ -230,7 +243,6 @@ def eval_ppl(
     ui = Ui(quiet=quiet, verbose=verbose, json_mode=json, command="eval-ppl")
 
     def body() -> None:
-        from effllm_tools.errors import QualityGateError
         from effllm_tools.eval.run import run_eval_ppl
 
         res = run_eval_ppl(model, dataset=dataset, field=field, seqlen=seqlen, max_tokens=max_tokens,
@@ -238,12 +250,8 @@ def eval_ppl(
                            reporter=RichReporter(ui), allow_beyond_max=allow_beyond_max)
         ppl = res["metrics"]["ppl"]
         plain = f"ppl {ppl:.4f}" + (f"  kld {res['metrics']['kld']:.5f}" if kld_base else "")
-        failed = max_ppl is not None and ppl > max_ppl
-        if max_ppl is not None:
-            res["gate"] = {"max_ppl": max_ppl, "passed": not failed}
-        ui.result(res, plain, status="gate_failed" if failed else "ok")
-        if failed:
-            raise QualityGateError(f"perplexity {ppl:.4f} exceeds --max-ppl {max_ppl}")
+        _gated_result(ui, res, plain, "max_ppl", max_ppl, failed=max_ppl is not None and ppl > max_ppl,
+                      message=f"perplexity {ppl:.4f} exceeds --max-ppl {max_ppl}")
 
     _finish(run_guarded(ui, body))
 
@@ -264,7 +272,6 @@ def eval_passkey(
     ui = Ui(quiet=quiet, verbose=verbose, json_mode=json, command="eval-passkey")
 
     def body() -> None:
-        from effllm_tools.errors import QualityGateError
         from effllm_tools.eval.passkey import parse_list, run_eval_passkey
 
         res = run_eval_passkey(model, lengths=parse_list(lengths, int, "lengths"), depths=parse_list(depths, float, "depths"),
@@ -273,12 +280,8 @@ def eval_passkey(
         acc = res["metrics"]["accuracy"]
         plain = "\n".join([f"accuracy {acc:.3f}"] + [f"  {n:>7} tokens: {a:.3f}"
                                                       for n, a in res["metrics"]["accuracy_by_length"].items()])
-        failed = min_accuracy is not None and acc < min_accuracy
-        if min_accuracy is not None:
-            res["gate"] = {"min_accuracy": min_accuracy, "passed": not failed}
-        ui.result(res, plain, status="gate_failed" if failed else "ok")
-        if failed:
-            raise QualityGateError(f"passkey accuracy {acc:.3f} is below --min-accuracy {min_accuracy}")
+        _gated_result(ui, res, plain, "min_accuracy", min_accuracy, failed=min_accuracy is not None and acc < min_accuracy,
+                      message=f"passkey accuracy {acc:.3f} is below --min-accuracy {min_accuracy}")
 
     _finish(run_guarded(ui, body))
 
