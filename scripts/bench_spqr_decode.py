@@ -3,8 +3,9 @@
 
 The model (hidden 4096, MLP 14336, 32 heads, 8 KV heads, 32 layers, vocab 128256) is built directly
 on the GPU in bf16 with random weights (no calibration). The SpQR model is the same model with
-every decoder linear swapped for :class:`SpqrLinear`, a random 3/3/16/16 layer with ~1% outliers
-and an act-order permutation (``effllm_kernels.spqr.testing``), calling ``spqr_linear``; the bf16
+every decoder linear swapped for :class:`SpQRLinear` (the module checkpoints load into, repacked
+for the kernels on CUDA), a random 3/3/16/16 layer with ~1% outliers and an act-order permutation
+(``effllm_kernels.spqr.testing``), calling ``spqr_linear``; the bf16
 weights are freed. Both run through transformers ``generate`` (greedy, a fixed number of new
 tokens): ``compiled`` = static cache, which makes ``generate`` torch.compile the decode step
 (mode reduce-overhead: CUDA graphs), and ``eager`` = the default dynamic cache. Reports tokens/s
@@ -27,22 +28,8 @@ import transformers
 import triton
 from torch import nn
 
-from effllm_kernels.spqr import SpqrTensors, spqr_linear
 from effllm_kernels.spqr.testing import random_spqr_tensors
-
-
-class SpqrLinear(nn.Module):
-    """A bias-free linear layer stored in the spqr format, run by ``spqr_linear``."""
-
-    def __init__(self, t: SpqrTensors) -> None:
-        super().__init__()
-        self.in_features, self.out_features = t.in_features, t.out_features
-        for name, v in t.tensors().items():
-            self.register_buffer(name, v)
-        self.t = t
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return spqr_linear(x, self.t)
+from effllm_tools.methods.spqr.format import SpQRLinear
 
 
 def build_model(layers: int) -> nn.Module:
@@ -61,7 +48,7 @@ def build_model(layers: int) -> nn.Module:
 
 
 def to_spqr(model: nn.Module, outliers: float) -> int:
-    """Swap every decoder nn.Linear for a random SpqrLinear of its shape; returns the count."""
+    """Swap every decoder nn.Linear for a random SpQRLinear of its shape; returns the count."""
     swapped = 0
     for li, layer in enumerate(model.model.layers):
         for parent in (layer.self_attn, layer.mlp):
@@ -69,7 +56,8 @@ def to_spqr(model: nn.Module, outliers: float) -> int:
                 if isinstance(child, nn.Linear):
                     t = random_spqr_tensors(child.out_features, child.in_features, 3, 16, 3, 16, outliers, True,
                                             seed=1000 * li + swapped, device="cuda")
-                    setattr(parent, name, SpqrLinear(t))
+                    # the module effllm loads checkpoints into: repacked for the kernels on CUDA
+                    setattr(parent, name, SpQRLinear.from_tensors(t).to("cuda"))
                     swapped += 1
     torch.cuda.empty_cache()
     return swapped

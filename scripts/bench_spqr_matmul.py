@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Benchmark the ``spqr`` Triton linear layer against bf16 ``F.linear`` on one CUDA GPU.
 
-Protocol (scripts/README.md, the same harness as bench_rtn_matmul.py; research/performance.md §6):
+Protocol (scripts/README.md; the harness of bench_harness.py, shared with bench_rtn_matmul.py;
+research/performance.md §6):
 each case is checked first against an fp64 reference on fresh inputs (kernel error vs torch-bf16
 error, "ok" within 2x); then CUDA-graph replay over rotated copies of every input (random SpqrTensors:
-codes, statistics, outliers, permutation; activations; bf16 weights for the baseline) totalling
+codes, statistics, outliers, permutation, repacked once as a loaded module does; activations; bf16
+weights for the baseline) totalling
 >= ``--rotate-mb`` (default 480 MB, 8x the 60 MB L2), median of 20 replays, twice; do_bench (L2
 flushed, eager launch) and the eager per-call latency as secondary numbers. TB/s counts the stored
 bytes of the SpQR layer (codes, statistics, outliers, permutation, row pointers) plus x and y.
@@ -27,19 +29,21 @@ from dataclasses import replace
 
 import torch
 import triton
-from bench_rtn_matmul import CEILING_TBS, Timing, copies_for, eager_us, graph_medians, header
+from bench_harness import CEILING_TBS, Timing, copies_for, eager_us, graph_medians, header, time_dense
 
-from effllm_kernels.spqr import SpqrTensors, spqr_linear_reference
+from effllm_kernels.spqr import SpqrKernelTensors, SpqrTensors, repack, spqr_linear_reference, unpack
 from effllm_kernels.spqr.launch import KernelConfig, pick_config, spqr_matmul_triton, with_split
 from effllm_kernels.spqr.testing import random_spqr_tensors
 
 
-def check_case(t: SpqrTensors, m: int, dtype: torch.dtype, config: KernelConfig | None) -> tuple[float, float]:
+def check_case(kt: SpqrKernelTensors, m: int, dtype: torch.dtype,
+               config: KernelConfig | None) -> tuple[float, float]:
     """(kernel error, torch-in-dtype error) relative to an fp64 reference, on fresh inputs."""
+    t = unpack(kt)
     x = torch.randn(m, t.in_features, device="cuda").to(dtype)
     exact = spqr_linear_reference(x.double(), t)
     y = torch.full((m, t.out_features), float("nan"), dtype=dtype, device="cuda")
-    spqr_matmul_triton(x, t, None, config, out=y)
+    spqr_matmul_triton(x, kt, None, config, out=y)
 
     def err(v: torch.Tensor) -> float:
         return float("inf") if not torch.isfinite(v).all() else ((v.double() - exact).norm() / exact.norm()).item()
@@ -47,7 +51,7 @@ def check_case(t: SpqrTensors, m: int, dtype: torch.dtype, config: KernelConfig 
     return err(y), err(spqr_linear_reference(x, t))
 
 
-def time_kernel(ts: list[SpqrTensors], xs: list[torch.Tensor], config: KernelConfig | None,
+def time_kernel(ts: list[SpqrKernelTensors], xs: list[torch.Tensor], config: KernelConfig | None,
                 quick: bool = False, eager_calls: int = 1000) -> Timing:
     calls = [lambda t=t, x=x: spqr_matmul_triton(x, t, None, config) for t, x in zip(ts, xs, strict=False)]
     x0 = xs[0]
@@ -59,38 +63,31 @@ def time_kernel(ts: list[SpqrTensors], xs: list[torch.Tensor], config: KernelCon
     return Timing(m1, m2, db, moved, eager_us(calls[0], eager_calls))
 
 
-def time_dense(dense: list[torch.Tensor], xs: list[torch.Tensor], eager_calls: int = 1000) -> Timing:
-    calls = [lambda w=w, x=x: torch.nn.functional.linear(x, w) for w, x in zip(dense, xs, strict=False)]
-    m1, m2 = graph_medians(calls)
-    db = triton.testing.do_bench(calls[0], return_mode="median") * 1000
-    x0, w0 = xs[0], dense[0]
-    return Timing(m1, m2, db, w0.nbytes + x0.nbytes + x0.shape[0] * w0.shape[0] * 2, eager_us(calls[0], eager_calls))
+#: Candidates (block_n, units, num_warps, num_stages[, host_perm]) per path (GEMV) or activation tile (mma).
+GEMV_CANDIDATES = [(128, 2, 2, 2), (128, 2, 2, 3), (128, 2, 2, 4), (128, 1, 1, 2), (64, 2, 1, 2), (128, 4, 4, 2),
+                   (256, 2, 4, 2)]
+MMA_CANDIDATES = [(128, 2, 4, 3), (128, 2, 4, 2), (256, 2, 8, 2), (128, 4, 4, 3), (64, 2, 4, 3), (256, 2, 8, 3)]
 
 
-#: Candidates (block_n, units, num_warps, num_stages) per path (GEMV) or activation tile (mma BM).
-GEMV_CANDIDATES = [(32, 4, 4, 2), (64, 4, 4, 2), (64, 2, 2, 2), (128, 4, 8, 2), (64, 8, 8, 2)]
-MMA_CANDIDATES = [(64, 4, 4, 2), (64, 2, 4, 3), (128, 2, 8, 2), (64, 4, 8, 2)]
-
-
-def sweep_configs(m: int, t: SpqrTensors) -> list[KernelConfig]:
+def sweep_configs(m: int, t: SpqrTensors | SpqrKernelTensors) -> list[KernelConfig]:
     """The heuristic, then each candidate at its automatic K split and at twice that (``--sweep``)."""
     dev = torch.device("cuda")
     out = [pick_config(m, t, dev)]
     if m == 1:
-        bases = [KernelConfig("gemv", 1, bn, c, 1, nw, st) for bn, c, nw, st in GEMV_CANDIDATES]
+        bases = [KernelConfig("gemv", 1, bn, c, 1, nw, st, *hp) for bn, c, nw, st, *hp in GEMV_CANDIDATES]
     else:
         bm = min(64, max(16, triton.next_power_of_2(m)))
         bases = [KernelConfig("mma", bm, bn, c, 1, nw, st) for bn, c, nw, st in MMA_CANDIDATES]
     for base in bases:
         auto = with_split(base, m, t, dev)
-        out += [auto, replace(auto, split_k=min(16, 2 * auto.split_k))]
+        out += [auto, replace(auto, split_k=min(64, 2 * auto.split_k)), replace(auto, split_k=max(1, auto.split_k // 2))]
     seen: list[KernelConfig] = []
     return [c for c in out if not (c in seen or seen.append(c))]
 
 
 def _precompile_one(job: tuple) -> str:
     n, k, bits, sb, m, cfg = job
-    t = random_spqr_tensors(n, k, bits, 16, sb, 16, 0.01, True, seed=1, device="cuda")
+    t = repack(random_spqr_tensors(n, k, bits, 16, sb, 16, 0.01, True, seed=1, device="cuda"))
     ek, et = check_case(t, m, torch.bfloat16, cfg)
     return f"{describe(cfg)} w{bits}s{sb} m{m}: {'ok' if ek <= 2 * et else 'FAIL'} ({ek:.1e} vs {et:.1e})"
 
@@ -104,7 +101,14 @@ def precompile(jobs: list[tuple], workers: int) -> None:
 
 
 def describe(c: KernelConfig) -> str:
-    return f"{c.path} BM{c.block_m} BN{c.block_n} C{c.units} split{c.split_k} w{c.num_warps} s{c.num_stages}"
+    tag = f"{c.path} BM{c.block_m} BN{c.block_n} C{c.units} split{c.split_k} w{c.num_warps} s{c.num_stages}"
+    return tag + (" host-perm" if c.host_perm else "")
+
+
+def specs0(args: argparse.Namespace) -> tuple[int, int]:
+    """(bits, stat_bits) of the first format: the one --sweep tunes."""
+    b, sb, _ = args.formats.split(";")[0].split(":")
+    return int(b), int(sb)
 
 
 def fmt_of(bits: int, sb: int) -> str:
@@ -114,15 +118,16 @@ def fmt_of(bits: int, sb: int) -> str:
 def bench_shape(n: int, k: int, bits: int, sb: int, ms: list[int], args: argparse.Namespace,
                 rows: list[str], sweep_rows: list[str]) -> None:
     dtype = torch.bfloat16
-    t0 = random_spqr_tensors(n, k, bits, 16, sb, 16, args.outliers, True, seed=n + k + bits, device="cuda")
-    ts = [t0] + [random_spqr_tensors(n, k, bits, 16, sb, 16, args.outliers, True, seed=i + 100, device="cuda")
+    t0 = repack(random_spqr_tensors(n, k, bits, 16, sb, 16, args.outliers, True, seed=n + k + bits, device="cuda"))
+    ts = [t0] + [repack(random_spqr_tensors(n, k, bits, 16, sb, 16, args.outliers, True, seed=i + 100,
+                                            device="cuda"))
                  for i in range(copies_for(t0.storage_bytes(), args.rotate_mb) - 1)]
     dense = [torch.randn(n, k, device="cuda", dtype=dtype) for _ in range(copies_for(n * k * 2, args.rotate_mb))]
     for m in ms:
         xs = [torch.randn(m, k, device="cuda").to(dtype) for _ in range(max(len(ts), len(dense)))]
         d = time_dense(dense, xs, eager_calls=args.eager_calls)
         cfg = pick_config(m, t0, torch.device("cuda"))
-        if args.sweep:
+        if args.sweep and (m == 1 or not args.sweep_m1_only) and (bits, sb) == specs0(args):
             best = None
             for c in sweep_configs(m, t0):
                 ek2, et2 = check_case(t0, m, dtype, c)
@@ -159,6 +164,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=12, help="compile processes for --sweep (0: none)")
     ap.add_argument("--precompile-only", action="store_true", help="with --sweep: compile and check, then stop")
     ap.add_argument("--eager-calls", type=int, default=300)
+    ap.add_argument("--sweep-m1-only", action="store_true", help="with --sweep: sweep M = 1 cases only")
     args = ap.parse_args()
     args.dtype, args.group_size = "bf16", 16
     rows: list[str] = []
@@ -168,8 +174,10 @@ def main() -> None:
              for b, sb, ms in (spec.split(":") for spec in args.formats.split(";"))]
     if args.sweep and args.workers > 0:
         t = random_spqr_tensors(4096, 4096, device="cuda")
-        jobs = {(bits, sb, m if m == 1 else min(64, max(16, triton.next_power_of_2(m))), replace(c, split_k=min(c.split_k, 2)))
-                for bits, sb, ms in specs for m in ms for c in sweep_configs(m, t)}
+        sweep_ms = {m for m in specs[0][2] if m == 1 or not args.sweep_m1_only}
+        jobs = {(specs[0][0], specs[0][1], m if m == 1 else min(64, max(16, triton.next_power_of_2(m))),
+                 replace(c, split_k=min(c.split_k, 2)))
+                for m in sweep_ms for c in sweep_configs(m, t)}
         precompile([(4096, 4096, bits, sb, m, c) for bits, sb, m, c in sorted(jobs, key=str)], args.workers)
         if args.precompile_only:
             return

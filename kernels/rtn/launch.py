@@ -12,6 +12,7 @@ import triton
 from effllm_kernels.dispatch import interpreter_enabled
 from effllm_kernels.rtn.prepare import RtnWeight
 from effllm_kernels.rtn.triton_matmul import _rtn_gemv_kernel, _rtn_mma_kernel, _splitk_reduce_kernel
+from effllm_kernels.splitk import SCRATCH, output_buffer
 
 #: Exponent bits the decoders put above the codes, passed as a kernel argument (not a constant) so
 #: that ptxas keeps them in a register: fp32 for ``_prmt_byte``, 16-bit pairs for ``unit_pair16``.
@@ -95,41 +96,6 @@ def _units_per_group(weight: RtnWeight) -> int:
     return math.gcd(weight.group_size // weight.unit_span, 4)
 
 
-class _Scratch:
-    """Per-device fp32 split-K workspace and int32 arrival counters, kept between calls.
-
-    The counters are zero between calls (the kernels reset them), so a call allocates and zeroes
-    nothing; they only grow. Calls on one device share them, so split-K calls must not run
-    concurrently on two streams of one device (calls on one stream, graphs included, are fine).
-    Make the first split-K call of a process outside CUDA-graph capture (as usual warm-up does).
-    """
-
-    def __init__(self) -> None:
-        self.ws: dict[tuple, torch.Tensor] = {}
-        self.cnt: dict[tuple, torch.Tensor] = {}
-
-    def get(self, device: torch.device, ws_elems: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-        key = device
-        ws, cnt = self.ws.get(key), self.cnt.get(key)
-        if ws is None or ws.numel() < ws_elems:
-            ws = self.ws[key] = torch.empty(max(ws_elems, 1 << 20), dtype=torch.float32, device=device)
-        if cnt is None or cnt.numel() < tiles:
-            cnt = self.cnt[key] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-        return ws, cnt
-
-
-_SCRATCH = _Scratch()
-
-
-def _output(out: torch.Tensor | None, m: int, n: int, x: torch.Tensor) -> torch.Tensor:
-    """The [m, n] result buffer: ``out`` viewed as such (checked), or a new one."""
-    if out is None:
-        return torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if out.dtype != x.dtype or out.device != x.device or out.numel() != m * n or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {x.dtype} tensor of {m}x{n} elements on {x.device}")
-    return out.view(m, n)
-
-
 def rtn_matmul_triton(
     x: torch.Tensor,
     weight: RtnWeight,
@@ -151,7 +117,7 @@ def rtn_matmul_triton(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    y = _output(out, m, n, x)
+    y = output_buffer(out, m, n, x)
     if m == 0 or n == 0:
         return y.reshape(*x.shape[:-1], n)
     cfg = config or pick_config(m, weight, x.device)
@@ -160,7 +126,7 @@ def rtn_matmul_triton(
     n_blocks = triton.cdiv(n, cfg.block_n)
     m_blocks = m if cfg.path == "gemv" else triton.cdiv(m, cfg.block_m)
     if split > 1:
-        ws, cnt = _SCRATCH.get(x.device, split * m * n, n_blocks * m_blocks)
+        ws, cnt = SCRATCH.get(x.device, split * m * n, n_blocks * m_blocks)
     else:
         ws, cnt = y, y  # never read
     interpret = interpreter_enabled()

@@ -17,9 +17,9 @@ codes inside one group.
 All accumulate in fp32. A split of K over a grid axis stays ONE launch: each program writes its
 fp32 partial tile to a workspace and bumps a per-tile arrival counter; the last program to arrive
 adds the SPLIT partials in split order (deterministic), writes y and resets the counter to zero for
-the next call (``_finish``). Large tensor-core tiles (``launch.LAST_REDUCES_MAX_TILE``) instead
-leave the partials to ``_splitk_reduce_kernel`` (a second launch, spread over all SMs).
-``launch.py`` picks the configuration and holds the scratch buffers.
+the next call (``effllm_kernels.splitk.finish``). Large tensor-core tiles (``launch.LAST_REDUCES_MAX_TILE``)
+instead leave the partials to ``_splitk_reduce_kernel`` (a second launch, spread over all SMs).
+``launch.py`` picks the configuration; ``effllm_kernels.splitk`` holds the scratch buffers.
 """
 
 from __future__ import annotations
@@ -28,50 +28,8 @@ import triton
 import triton.language as tl
 
 from effllm_kernels.rtn.triton_decode import field_f32, group_coeffs, nibbles, unit_f32, unit_pair16
-
-
-@triton.jit
-def _to_out_dtype(out, y_ptr, INTERPRET: tl.constexpr):
-    """fp32 -> y's dtype, rounded to nearest even (the interpreter truncates bf16: round by hand)."""
-    if INTERPRET and y_ptr.dtype.element_ty == tl.bfloat16:
-        b = out.to(tl.int32, bitcast=True)
-        b = (b + (0x7FFF + ((b >> 16) & 1))) & -65536
-        out = b.to(tl.float32, bitcast=True)
-    return out.to(y_ptr.dtype.element_ty)
-
-
-@triton.jit
-def _store_y(out, y_ptr, b_ptr, y_offs, rn_b, mask, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
-    """Write a finished fp32 tile (+ bias) to y in y's dtype."""
-    if HAS_BIAS:
-        out += tl.load(b_ptr + rn_b, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + y_offs, _to_out_dtype(out, y_ptr, INTERPRET), mask=mask)
-
-
-@triton.jit
-def _finish(out, y_ptr, ws_ptr, cnt_ptr, b_ptr, y_offs, ws_offs, ws_stride, pid_k, split, tile, rn_b, mask,
-            USE_WS: tl.constexpr, LAST_REDUCES: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
-    """Store a finished tile, or (split K) a partial; the last of a tile's ``split`` programs reduces.
-
-    ``ws_offs`` addresses split 0's partial; split ``s`` lives ``s * ws_stride`` further. The arrival
-    counter ``cnt_ptr[tile]`` is zero between calls: the reducing program puts it back to zero.
-    Without LAST_REDUCES only the partial is stored and ``_splitk_reduce_kernel`` adds them (large
-    tiles: one program reducing SPLIT partials of 64 KB serially would be the launch's tail).
-    """
-    if USE_WS and not LAST_REDUCES:
-        tl.store(ws_ptr + ws_offs + pid_k * ws_stride, out, mask=mask)
-    elif USE_WS:
-        tl.store(ws_ptr + ws_offs + pid_k * ws_stride, out, mask=mask)
-        tl.debug_barrier()  # every thread's partial is issued before the (release) arrival
-        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == split - 1:
-            total = tl.zeros_like(out)
-            for s in range(0, split):  # fixed order: the result does not depend on arrival order
-                total += tl.load(ws_ptr + ws_offs + s * ws_stride, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
-            _store_y(total, y_ptr, b_ptr, y_offs, rn_b, mask, HAS_BIAS, INTERPRET)
-    else:
-        _store_y(out, y_ptr, b_ptr, y_offs, rn_b, mask, HAS_BIAS, INTERPRET)
+from effllm_kernels.splitk import finish as _finish
+from effllm_kernels.splitk import to_out_dtype as _to_out_dtype
 
 
 @triton.jit

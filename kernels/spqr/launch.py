@@ -9,21 +9,27 @@ import torch
 import triton
 
 from effllm_kernels.dispatch import interpreter_enabled
-from effllm_kernels.rtn.launch import _SCRATCH
+from effllm_kernels.splitk import SCRATCH, output_buffer
 from effllm_kernels.spqr.layout import STAT_FP16, SpqrTensors
-from effllm_kernels.spqr.triton_spqr import _spqr_gemv_kernel, _spqr_mma_kernel
+from effllm_kernels.spqr.repack import SpqrKernelTensors, repack
 
-#: Largest M served by the GEMV kernel (one pass per activation row); above it the tensor-core
-#: kernel. H200 sweep (2026-11-28): GEMV M=1 24-74 us vs mma M=16 82-292 us on the Llama shapes, so
-#: the GEMV stays ahead while M * t(M=1) < t(mma); M=2..3 is extrapolated, not measured.
+#: Largest M served by the GEMV kernel (one pass per activation row); above it the tensor-core kernel.
+#: H200 (2026-11-29): GEMV 15-30 us at M = 1, tensor cores 31-85 us at M = 16 on the Llama shapes,
+#: so the GEMV stays ahead while M * t(M=1) < t(mma); M = 2..3 is extrapolated, not measured.
 GEMV_MAX_M = 3
+#: The bits of fp32 1.0, a kernel argument (not a literal) so that ptxas keeps it in a register.
+ONE_BITS = 0x3F800000
 #: Outlier slots per row and step of the outlier loop, as elements of the [BN, R(, BM)] tile per thread.
 OUTLIER_ELEMS_PER_THREAD = 16
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch parameters: which kernel, block sizes, K split (in programs), warps, pipeline depth."""
+    """Launch parameters: which kernel, block sizes, K split (in programs), warps, pipeline depth.
+
+    ``host_perm`` (GEMV): gather x through the permutation once per call on the host side (one
+    small extra launch) instead of in every program; the tensor-core kernel always does.
+    """
 
     path: str  # "gemv" or "mma"
     block_m: int  # activation rows per program (1 for the GEMV)
@@ -32,6 +38,7 @@ class KernelConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    host_perm: bool = False
 
 
 @functools.lru_cache(maxsize=8)
@@ -42,32 +49,34 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _split_for(programs: int, n_steps: int, target: int, cap: int) -> int:
-    """K split bringing ``programs`` near ``target`` (at most ``cap``, at least one step per split)."""
+    """K split bringing ``programs`` near ``target`` (at most ``cap``, at least two steps per split)."""
     if programs >= target:
         return 1
-    return max(1, min(-(-target // programs), cap, n_steps))
+    return max(1, min(-(-target // programs), cap, n_steps // 2))
 
 
-def with_split(cfg: KernelConfig, m: int, t: SpqrTensors, device: torch.device) -> KernelConfig:
+def with_split(cfg: KernelConfig, m: int, t: SpqrTensors | SpqrKernelTensors, device: torch.device) -> KernelConfig:
     """``cfg`` with the K split that brings its programs near the occupancy target of its path."""
     n_units = -(-t.in_features // 32)
     programs = -(-t.out_features // cfg.block_n) * (m if cfg.path == "gemv" else -(-m // cfg.block_m))
     target = (8 if cfg.path == "gemv" else 4) * _sm_count(device)
-    cap = 16 if cfg.path == "gemv" else 8
-    return replace(cfg, split_k=_split_for(programs, -(-n_units // cfg.units), target, cap))
+    return replace(cfg, split_k=_split_for(programs, -(-n_units // cfg.units), target, 32))
 
 
-def pick_config(m: int, t: SpqrTensors, device: torch.device) -> KernelConfig:
+def pick_config(m: int, t: SpqrTensors | SpqrKernelTensors, device: torch.device) -> KernelConfig:
     """Heuristic launch configuration for an [m, K] input.
 
-    The fastest candidates of ``scripts/bench_spqr_matmul.py --sweep`` on the H200 (4096x4096,
-    14336x4096, 4096x14336; 3- and 4-bit): GEMV 64 rows x 2 units per step on 2 warps (split to ~8
-    programs per SM); tensor cores 128 rows x 2 units on 8 warps for M = 16 and 64.
+    From ``scripts/bench_spqr_matmul.py --sweep`` on the H200 (2026-11-29; 3-bit codes and
+    statistics, 16/16 groups; 4096x4096, 14336x4096, 4096x14336): the GEMV is fastest as many small
+    programs (128 rows x 2 units on 2 warps, K split to ~8 programs per SM: latency, not issue,
+    bounds it; 4 warps x 4 units were 10-30% slower, 8 warps 2x); the tensor-core kernel 128 rows x
+    2 units on 4 warps, 3 stages, split to ~4 programs per SM, for M = 16 and 64 (within ~20% of the
+    best candidate of every case; the splits between the measured ones are interpolated).
     """
     if m <= GEMV_MAX_M:
-        return with_split(KernelConfig("gemv", 1, 64, 2, num_warps=2, num_stages=2), m, t, device)
+        return with_split(KernelConfig("gemv", 1, 128, 2, num_warps=2, num_stages=2), m, t, device)
     bm = min(64, max(16, triton.next_power_of_2(m)))
-    return with_split(KernelConfig("mma", bm, 128, 2, num_warps=8, num_stages=2), m, t, device)
+    return with_split(KernelConfig("mma", bm, 128, 2, num_warps=4, num_stages=3), m, t, device)
 
 
 def _slots(cfg: KernelConfig) -> int:
@@ -76,46 +85,57 @@ def _slots(cfg: KernelConfig) -> int:
     return max(1, min(64, triton.next_power_of_2(-(-OUTLIER_ELEMS_PER_THREAD * 32 * cfg.num_warps // per_slot))))
 
 
-def _output(out: torch.Tensor | None, m: int, n: int, x: torch.Tensor) -> torch.Tensor:
-    if out is None:
-        return torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if out.dtype != x.dtype or out.device != x.device or out.numel() != m * n or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {x.dtype} tensor of {m}x{n} elements on {x.device}")
-    return out.view(m, n)
+def kernel_unsupported_reason(group_size: int) -> str | None:
+    """Why the kernels cannot run this format, or None (groups of 8, 16 or a multiple of 32)."""
+    if group_size in (8, 16) or group_size % 32 == 0:
+        return None
+    return f"group_size={group_size} (kernels need 8, 16 or a multiple of 32)"
 
 
 def spqr_matmul_triton(
     x: torch.Tensor,
-    t: SpqrTensors,
+    t: SpqrTensors | SpqrKernelTensors,
     bias: torch.Tensor | None = None,
     config: KernelConfig | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x[..., perm] @ W_s^T (+ bias)`` for x [..., K] -> [..., N] in x's dtype, fp32 accumulation.
 
+    ``t`` should be the repacked layer (:func:`effllm_kernels.spqr.repack.repack`, done once at load
+    time); a stored :class:`SpqrTensors` is repacked on every call (correct, but a copy per call).
     ``config`` overrides the heuristic (tests and benchmarks reach every path with it); ``out``
     (contiguous, x's dtype, [..., N] elements) receives the result instead of a new tensor.
     """
+    if isinstance(t, SpqrTensors):
+        t = repack(t)
     k, n = t.in_features, t.out_features
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, the spqr weight expects {k}")
+    reason = kernel_unsupported_reason(t.group_size)
+    if reason is not None:
+        raise ValueError(f"spqr Triton kernels: unsupported {reason}")
     x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
     m = x2.shape[0]
-    y = _output(out, m, n, x)
+    y = output_buffer(out, m, n, x)
     if m == 0 or n == 0:
         return y.reshape(*x.shape[:-1], n)
     cfg = config or pick_config(m, t, x.device)
+    mma = cfg.path == "mma"
+    gather_in_kernel = t.perm is not None and not (mma or cfg.host_perm)
+    if mma:  # [K, M], stored column order: one gather and transpose of x per call
+        x2 = x2.t().index_select(0, t.perm) if t.perm is not None else x2.t().contiguous()
+    elif t.perm is not None and not gather_in_kernel:
+        x2 = x2.index_select(1, t.perm)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
     n_units = -(-k // 32)
     steps = -(-n_units // cfg.units)
     steps_per_split = -(-steps // cfg.split_k)
     split = -(-steps // steps_per_split)  # drop empty splits
-    units_per_split = steps_per_split * cfg.units
     n_blocks = triton.cdiv(n, cfg.block_n)
-    m_blocks = m if cfg.path == "gemv" else triton.cdiv(m, cfg.block_m)
+    m_blocks = triton.cdiv(m, cfg.block_m) if mma else m
     if split > 1:
-        ws, cnt = _SCRATCH.get(x.device, split * m * n, n_blocks * m_blocks)
+        ws, cnt = SCRATCH.get(x.device, split * m * n, n_blocks * m_blocks)
     else:
         ws, cnt = y, y  # never read
     fp16_stats = t.stat_bits == STAT_FP16
@@ -127,19 +147,20 @@ def spqr_matmul_triton(
         x2, t.perm if t.perm is not None else dummy, t.qweight, t.scale_q, t.zero_q,
         dummy if fp16_stats else t.scale_stats, dummy if fp16_stats else t.zero_stats,
         t.outlier_rowptr, t.outlier_col, t.outlier_val, b, y, ws, cnt,
-        m, n, k, x2.stride(0), t.qweight.shape[1], 1 if fp16_stats else t.scale_q.shape[1], t.n_groups,
-        units_per_split, n_units, split,
+        m, n, k, x2.stride(0), t.n_groups, t.n_blocks, steps_per_split * cfg.units, n_units, split,
+        ONE_BITS,
     )
     meta = dict(
         BITS=t.bits, GROUP=t.group_size, STAT_BITS=t.stat_bits, STAT_GROUP=t.stat_group,
-        ONE_BLOCK=t.stat_group % cfg.block_n == 0, BN=cfg.block_n, C=cfg.units, R=_slots(cfg),
-        HAS_PERM=t.perm is not None, HAS_OUTLIERS=t.nnz > 0, HAS_BIAS=bias is not None, USE_WS=split > 1,
-        EVEN=k % (32 * cfg.units) == 0,
-        INTERPRET=interpreter_enabled(), NUM_STAGES=cfg.num_stages,
+        BN=cfg.block_n, C=cfg.units, R=_slots(cfg),
+        HAS_OUTLIERS=t.nnz > 0, HAS_BIAS=bias is not None, USE_WS=split > 1,
+        EVEN=k % (32 * cfg.units) == 0, INTERPRET=interpreter_enabled(), NUM_STAGES=cfg.num_stages,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if cfg.path == "mma":
+    from effllm_kernels.spqr.triton_kernels import _spqr_gemv_kernel, _spqr_mma_kernel
+
+    if mma:
         _spqr_mma_kernel[(n_blocks, split, m_blocks)](*args, BM=cfg.block_m, **meta)
     else:
-        _spqr_gemv_kernel[(m, n_blocks, split)](*args, **meta)
+        _spqr_gemv_kernel[(m, n_blocks, split)](*args, HAS_PERM=gather_in_kernel, **meta)
     return y.reshape(*x.shape[:-1], n)

@@ -33,6 +33,7 @@ which for 3-bit weights, 3-bit statistics and 16/16 groups without outliers is 3
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -42,29 +43,18 @@ FORMAT_VERSION = 1
 STAT_FP16 = 16
 
 
-@dataclass
-class SpqrTensors:
-    """The tensors and integers of one SpQR-quantized linear layer (see the module docstring)."""
-
-    in_features: int  # K
-    out_features: int  # N
-    bits: int  # weight code bits, 2..8
-    group_size: int  # beta1: input columns per first-level group
-    stat_bits: int  # bits of quantized scales and zeros (2..8), or 16 for fp16 statistics
-    stat_group: int  # beta2: output rows per second-level block
-    qweight: torch.Tensor  # int32 [N, packed_words(K, bits)]
-    scale_q: torch.Tensor  # int32 [N, packed_words(G, stat_bits)], or fp16 [N, G] when stat_bits == 16
-    zero_q: torch.Tensor  # same as scale_q
-    scale_stats: torch.Tensor | None  # fp16 [ceil(N / stat_group), G, 2] (step, zero-point), None for fp16 stats
-    zero_stats: torch.Tensor | None  # same
-    outlier_rowptr: torch.Tensor  # int32 [N + 1]
-    outlier_col: torch.Tensor  # int16 [nnz], unsigned stored column
-    outlier_val: torch.Tensor  # fp16 [nnz]
-    perm: torch.Tensor | None = None  # int32 [K]: stored column j is original column perm[j]
+class LayerFields:
+    """What both layouts of one layer share (:class:`SpqrTensors` here, ``SpqrKernelTensors`` in
+    :mod:`.repack`): the integer fields, the tensor names and the helpers over them."""
 
     TENSOR_FIELDS = ("qweight", "scale_q", "zero_q", "scale_stats", "zero_stats",
                      "outlier_rowptr", "outlier_col", "outlier_val", "perm")
     INT_FIELDS = ("in_features", "out_features", "bits", "group_size", "stat_bits", "stat_group")
+    in_features: int
+    out_features: int
+    group_size: int
+    stat_group: int
+    outlier_val: torch.Tensor
 
     @property
     def n_groups(self) -> int:
@@ -85,6 +75,40 @@ class SpqrTensors:
     def meta(self) -> dict[str, int]:
         return {name: int(getattr(self, name)) for name in self.INT_FIELDS}
 
+    def storage_bytes(self) -> int:
+        """Bytes the tensors occupy (for the stored layout: what safetensors writes, headers aside)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def to(self, device: torch.device | str) -> Any:
+        """A copy with every tensor on ``device`` (same class)."""
+        out = type(self)(**{f.name: getattr(self, f.name) for f in fields(self)})  # type: ignore[arg-type]
+        for name in self.TENSOR_FIELDS:
+            t = getattr(out, name)
+            if t is not None:
+                setattr(out, name, t.to(device))
+        return out
+
+
+@dataclass
+class SpqrTensors(LayerFields):
+    """The tensors and integers of one SpQR-quantized linear layer (see the module docstring)."""
+
+    in_features: int  # K
+    out_features: int  # N
+    bits: int  # weight code bits, 2..8
+    group_size: int  # beta1: input columns per first-level group
+    stat_bits: int  # bits of quantized scales and zeros (2..8), or 16 for fp16 statistics
+    stat_group: int  # beta2: output rows per second-level block
+    qweight: torch.Tensor  # int32 [N, packed_words(K, bits)]
+    scale_q: torch.Tensor  # int32 [N, packed_words(G, stat_bits)], or fp16 [N, G] when stat_bits == 16
+    zero_q: torch.Tensor  # same as scale_q
+    scale_stats: torch.Tensor | None  # fp16 [ceil(N / stat_group), G, 2] (step, zero-point), None for fp16 stats
+    zero_stats: torch.Tensor | None  # same
+    outlier_rowptr: torch.Tensor  # int32 [N + 1]
+    outlier_col: torch.Tensor  # int16 [nnz], unsigned stored column
+    outlier_val: torch.Tensor  # fp16 [nnz]
+    perm: torch.Tensor | None = None  # int32 [K]: stored column j is original column perm[j]
+
     @classmethod
     def from_parts(cls, meta: dict[str, int], tensors: dict[str, torch.Tensor]) -> SpqrTensors:
         names = {f.name for f in fields(cls)}
@@ -101,10 +125,6 @@ class SpqrTensors:
         second = 0 if self.stat_bits == STAT_FP16 else self.n_blocks * g * 64
         total = n * k * self.bits + n * g * 2 * stat + second + self.nnz * 32
         return total / (n * k)
-
-    def storage_bytes(self) -> int:
-        """Bytes the stored tensors occupy (what safetensors writes, headers aside)."""
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def validate(self) -> None:
         """Raise ValueError when shapes or dtypes break the contract (corrupt or foreign checkpoint)."""
@@ -136,11 +156,3 @@ class SpqrTensors:
             if t is None or tuple(t.shape) != shape or t.dtype != dtype:
                 got = "missing" if t is None else f"{tuple(t.shape)} {t.dtype}"
                 raise ValueError(f"spqr: tensor {name} should be {shape} {dtype}, got {got}")
-
-    def to(self, device: torch.device | str) -> SpqrTensors:
-        out = SpqrTensors(**{f.name: getattr(self, f.name) for f in fields(self)})
-        for name in self.TENSOR_FIELDS:
-            t = getattr(out, name)
-            if t is not None:
-                setattr(out, name, t.to(device))
-        return out

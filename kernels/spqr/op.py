@@ -13,23 +13,32 @@ from __future__ import annotations
 import torch
 
 from effllm_kernels.spqr.layout import SpqrTensors
+from effllm_kernels.spqr.repack import SpqrKernelTensors
 
 OP_NAME = "effllm::spqr_linear"
 META_FIELDS = SpqrTensors.INT_FIELDS  # in_features, out_features, bits, group_size, stat_bits, stat_group
+#: The last meta entry says which layout the tensors are in: the stored one or the kernels' (repack.py).
+STORED, KERNEL = 0, 1
 
 
 def tensors_from_args(qweight: torch.Tensor, scale_q: torch.Tensor, zero_q: torch.Tensor,
                       scale_stats: torch.Tensor | None, zero_stats: torch.Tensor | None,
                       outlier_rowptr: torch.Tensor, outlier_col: torch.Tensor, outlier_val: torch.Tensor,
-                      perm: torch.Tensor | None, meta: list[int]) -> SpqrTensors:
-    """Rebuild the :class:`SpqrTensors` of one op call (no validation: the caller's object was valid)."""
-    return SpqrTensors(**dict(zip(META_FIELDS, meta, strict=True)), qweight=qweight, scale_q=scale_q,
-                       zero_q=zero_q, scale_stats=scale_stats, zero_stats=zero_stats,
-                       outlier_rowptr=outlier_rowptr, outlier_col=outlier_col, outlier_val=outlier_val,
-                       perm=perm)
+                      perm: torch.Tensor | None, meta: list[int]) -> SpqrTensors | SpqrKernelTensors:
+    """Rebuild the layer of one op call (no validation: the caller's object was valid)."""
+    kernel = len(meta) > len(META_FIELDS) and meta[len(META_FIELDS)] == KERNEL
+    cls = SpqrKernelTensors if kernel else SpqrTensors
+    return cls(**dict(zip(META_FIELDS, meta[: len(META_FIELDS)], strict=True)), qweight=qweight, scale_q=scale_q,
+               zero_q=zero_q, scale_stats=scale_stats, zero_stats=zero_stats, outlier_rowptr=outlier_rowptr,
+               outlier_col=outlier_col, outlier_val=outlier_val, perm=perm)
 
 
-def op_args(t: SpqrTensors) -> tuple:
+def op_meta(t: SpqrTensors | SpqrKernelTensors) -> list[int]:
+    """The op's ``meta`` argument: the integer fields, then the layout (STORED or KERNEL)."""
+    return [int(getattr(t, f)) for f in META_FIELDS] + [KERNEL if isinstance(t, SpqrKernelTensors) else STORED]
+
+
+def op_args(t: SpqrTensors | SpqrKernelTensors) -> tuple:
     """The op's arguments after ``x`` and before ``bias`` ... ``meta`` for one layer."""
     return (t.qweight, t.scale_q, t.zero_q, t.scale_stats, t.zero_stats, t.outlier_rowptr, t.outlier_col,
             t.outlier_val, t.perm)

@@ -14,8 +14,17 @@ import pytest
 import torch
 
 from effllm_kernels import dispatch
-from effllm_kernels.spqr import SpqrTensors, spqr_linear, spqr_linear_op, spqr_linear_reference
-from effllm_kernels.spqr.op import op_args
+from effllm_kernels.packing import packed_words
+from effllm_kernels.spqr import (
+    SpqrKernelTensors,
+    SpqrTensors,
+    repack,
+    spqr_linear,
+    spqr_linear_op,
+    spqr_linear_reference,
+    unpack,
+)
+from effllm_kernels.spqr.op import op_args, op_meta
 from effllm_kernels.spqr.testing import random_spqr_tensors
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -33,7 +42,7 @@ def assert_close_to_reference(y: torch.Tensor, x: torch.Tensor, t: SpqrTensors, 
     assert rel_err(y, ref) <= bound, (rel_err(y, ref), torch_err)
 
 
-def run_kernel(x: torch.Tensor, t: SpqrTensors, bias=None, config=None) -> torch.Tensor:
+def run_kernel(x: torch.Tensor, t: SpqrTensors | SpqrKernelTensors, bias=None, config=None) -> torch.Tensor:
     """The Triton kernel with the output poisoned (NaN) beforehand."""
     from effllm_kernels.spqr.launch import spqr_matmul_triton
 
@@ -48,37 +57,67 @@ def _configs() -> list:
 
     return [
         KernelConfig("gemv", 1, 16, 2, split_k=1, num_warps=1),
-        KernelConfig("gemv", 1, 32, 1, split_k=3, num_warps=2),  # N % 32 != 0, split K
+        KernelConfig("gemv", 1, 32, 1, split_k=3, num_warps=2, host_perm=True),  # N % 32 != 0, split K
         KernelConfig("mma", 16, 16, 1, split_k=1, num_warps=4),  # stat block == tile rows
         KernelConfig("mma", 16, 32, 2, split_k=2, num_warps=4),  # tile rows span two stat blocks
     ]
 
 
 # (m, n, k, bits, group_size, stat_bits, stat_group): the 3/3/16/16 format, 2- and 4-bit, 5-bit
-# codes straddling words, fp16 statistics, groups of 64 and 8, ragged last group (K=576 with
-# g=64 and K=100 with g=16), K not a multiple of 32, N not a multiple of the tile.
+# codes straddling words, fp16 statistics, groups of 64 and 8, ragged last group (K=544 with
+# g=64 and K=100 with g=16), K not a multiple of 32 (a padded last unit), a ragged last step,
+# N not a multiple of the tile.
 TINY = [
-    (1, 48, 1056, 3, 16, 3, 16),
-    (3, 40, 576, 4, 64, 16, 16),
+    (1, 48, 352, 3, 16, 3, 16),
+    (3, 40, 544, 4, 64, 16, 16),
     (2, 32, 100, 5, 16, 3, 16),
-    (2, 16, 640, 2, 8, 4, 8),
+    (2, 16, 320, 2, 8, 4, 8),
 ]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
 @pytest.mark.parametrize("shape", TINY, ids=lambda s: "m{}n{}k{}b{}g{}s{}sg{}".format(*s))
-@pytest.mark.parametrize("config_index", range(4), ids=["gemv", "gemv-split", "mma", "mma-split"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-def test_kernel_matches_reference_tiny(shape: tuple, config_index: int, dtype: torch.dtype) -> None:
-    if dtype == torch.float32 and config_index % 2 == 0:
-        pytest.skip("fp32 runs the split configurations only (test time)")
+@pytest.mark.parametrize("config_index", range(4), ids=["gemv", "gemv-split-hostperm", "mma", "mma-split"])
+def test_kernel_matches_reference_tiny(shape: tuple, config_index: int) -> None:
+    """Every path on every format, on the repacked layer; the dtype rotates over the cases (test time)."""
     m, n, k, bits, g, sb, sg = shape
-    seed = hash((shape, config_index, str(dtype))) % 10_000
+    dtype = DTYPES[(TINY.index(shape) + config_index) % 3]
+    seed = hash((shape, config_index)) % 10_000
     t = random_spqr_tensors(n, k, bits, g, sb, sg, outlier_density=0.03, permute=seed % 3 != 0, seed=seed,
                             device=DEVICE)
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     x = torch.randn(m, k, generator=gen, device=DEVICE).to(dtype)
     bias = torch.randn(n, generator=gen, device=DEVICE).to(dtype) if config_index % 2 == 0 else None
-    assert_close_to_reference(run_kernel(x, t, bias, _configs()[config_index]), x, t, bias)
+    assert_close_to_reference(run_kernel(x, repack(t), bias, _configs()[config_index]), x, t, bias)
+
+
+@pytest.mark.parametrize("shape", TINY, ids=lambda s: "n{1}k{2}b{3}g{4}s{5}sg{6}".format(*s))
+@pytest.mark.parametrize("permute", [True, False])
+def test_repack_unpack_is_bit_exact_and_does_not_grow(shape: tuple, permute: bool) -> None:
+    """repack -> unpack gives back every stored tensor bit for bit; the repacked layer is no larger
+    (up to the zero padding of a ragged last 32-code unit) and the stored layer is left untouched."""
+    _, n, k, bits, g, sb, sg = shape
+    t = random_spqr_tensors(n, k, bits, g, sb, sg, outlier_density=0.05, permute=permute, seed=n + k, device=DEVICE)
+    before = {name: v.clone() for name, v in t.tensors().items()}
+    kt = repack(t)
+    back = unpack(kt)
+    back.validate()
+    assert back.meta() == t.meta() and set(back.tensors()) == set(before)
+    for name, v in before.items():
+        assert torch.equal(back.tensors()[name], v) and back.tensors()[name].dtype == v.dtype, name
+        assert torch.equal(t.tensors()[name], v), name
+    padding = (-(-k // 32) * bits - packed_words(k, bits)) * n * 4
+    assert kt.storage_bytes() == t.storage_bytes() + padding and padding <= (bits - 1) * n * 4
+    assert kt.average_bits() == t.average_bits()
+    # the layout really changed (a plain copy would pass the round trip too): rows are contiguous
+    assert tuple(kt.qweight.shape) == (-(-k // 32) * bits, n) and torch.equal(kt.qweight[0], t.qweight[:, 0])
+
+
+def test_repacked_kernel_matches_stored_kernel_bit_for_bit() -> None:
+    """The kernel on a repacked layer and on the stored one (repacked per call) give the same bytes."""
+    t = random_spqr_tensors(64, 256, seed=11, device=DEVICE)
+    x = torch.randn(1, 256, device=DEVICE).bfloat16()
+    assert torch.equal(run_kernel(x, repack(t)), run_kernel(x, t))
 
 
 def test_outliers_and_permutation_change_the_result() -> None:
@@ -111,6 +150,7 @@ def test_forced_reference_and_auto_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -
         monkeypatch.setenv(dispatch.ENV_VAR, mode)
         assert dispatch.choose_backend("spqr_linear", x) == "reference"
         assert torch.equal(spqr_linear(x, t), spqr_linear_reference(x, t))
+        assert torch.equal(spqr_linear(x, repack(t)), spqr_linear_reference(x, t))  # unpacked for the reference
     if torch.cuda.is_available():
         assert dispatch.choose_backend("spqr_linear", x.cuda()) == "triton"
 
@@ -123,6 +163,8 @@ def test_unsupported_cases_fall_back_or_raise(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
     with pytest.raises(dispatch.KernelUnavailableError, match="group_size=48"):
         spqr_linear(x, t)
+    with pytest.raises(dispatch.KernelUnavailableError, match="group_size=48"):
+        spqr_linear(x, repack(t))
     with pytest.raises(dispatch.KernelUnavailableError, match="float64"):
         spqr_linear(x.double(), random_spqr_tensors(16, 96, seed=6, device=DEVICE))
 
@@ -132,11 +174,11 @@ def test_custom_op_traces_and_matches(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(dispatch.ENV_VAR, "reference")
     t = random_spqr_tensors(16, 64, seed=7, device="cpu")
     x = torch.randn(2, 64)
-    meta = [int(getattr(t, f)) for f in SpqrTensors.INT_FIELDS]
-    torch.library.opcheck(spqr_linear_op, (x, *op_args(t), None, meta),
-                          test_utils=("test_schema", "test_faketensor"))
-    compiled = torch.compile(lambda a: spqr_linear(a, t), backend="aot_eager", fullgraph=True)
-    assert torch.equal(compiled(x), spqr_linear_reference(x, t))
+    for layer in (t, repack(t)):
+        torch.library.opcheck(spqr_linear_op, (x, *op_args(layer), None, op_meta(layer)),
+                              test_utils=("test_schema", "test_faketensor"))
+        compiled = torch.compile(lambda a, layer=layer: spqr_linear(a, layer), backend="aot_eager", fullgraph=True)
+        assert torch.equal(compiled(x), spqr_linear_reference(x, t))
 
 
 # Real layer shapes (N, K): Llama-3-8B's 4096x4096, up/gate 4096->14336 and down 14336->4096.
@@ -152,13 +194,13 @@ def test_real_shapes_on_gpu(shape: tuple, m: int) -> None:
     for bits, sb, dtype in ((3, 3, torch.bfloat16), (4, 16, torch.float16)):
         t = random_spqr_tensors(n, k, bits, 16, sb, 16, outlier_density=0.01, seed=n + k + m, device="cuda")
         x = torch.randn(m, k, device="cuda").to(dtype)
-        assert_close_to_reference(run_kernel(x, t), x, t)
+        assert_close_to_reference(run_kernel(x, repack(t)), x, t)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_replay_and_compile_on_gpu() -> None:
-    t = random_spqr_tensors(4096, 4096, seed=9, device="cuda")
+    t = repack(random_spqr_tensors(4096, 4096, seed=9, device="cuda"))
     x = torch.randn(1, 4096, device="cuda").bfloat16()
     y0 = spqr_linear(x, t)  # warm-up outside capture (compilation, split-K scratch)
     graph = torch.cuda.CUDAGraph()
@@ -166,8 +208,39 @@ def test_cuda_graph_replay_and_compile_on_gpu() -> None:
         y = spqr_linear(x, t)
     x.copy_(torch.randn(1, 4096, device="cuda"))
     graph.replay()
-    assert_close_to_reference(y, x, t)
+    assert_close_to_reference(y, x, unpack(t))
     compiled = torch.compile(lambda a: spqr_linear(a, t), fullgraph=True, mode="reduce-overhead")
     for _ in range(3):
         out = compiled(x)
     assert torch.equal(out, spqr_linear(x, t)) and not torch.equal(out, y0)
+
+
+def test_module_repacks_in_place_and_still_saves_the_stored_format(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SpQRLinear's load-time repack: same buffer bytes (no second copy), a state dict bit-identical to
+    the stored layer, the same outputs, and a stored state dict loads back into a repacked module."""
+    from effllm_tools.methods.spqr.format import SpQRLinear
+
+    t = random_spqr_tensors(48, 352, seed=12, device="cpu")
+    bias = torch.randn(48)
+    mod = SpQRLinear.from_tensors(t, bias)
+    stored = {k: v.clone() for k, v in mod.state_dict().items()}
+    nbytes = sum(b.numel() * b.element_size() for b in mod.buffers())
+    mod.repack_for_kernels()
+    assert mod.kernel_layout and isinstance(mod.layer(), SpqrKernelTensors)
+    assert sum(b.numel() * b.element_size() for b in mod.buffers()) == nbytes
+    assert not torch.equal(mod.qweight.flatten()[:64], t.qweight.flatten()[:64])  # the layout did change
+    saved = mod.state_dict()
+    assert saved.keys() == stored.keys()
+    for k, v in stored.items():
+        assert torch.equal(saved[k], v) and saved[k].dtype == v.dtype and saved[k].shape == v.shape, k
+    x = torch.randn(2, 352)
+    want = spqr_linear_reference(x, t, bias)
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    assert torch.equal(mod(x), want)
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")  # the interpreter on the CPU, on the repacked buffers
+    assert_close_to_reference(mod(x.bfloat16()), x.bfloat16(), t, bias.bfloat16())
+    fresh = SpQRLinear.from_tensors(t, torch.zeros(48))
+    fresh.repack_for_kernels()
+    fresh.qweight.zero_()
+    fresh.load_state_dict(stored)
+    assert not fresh.kernel_layout and torch.equal(fresh.dequantized(), mod.dequantized())

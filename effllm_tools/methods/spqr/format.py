@@ -8,6 +8,11 @@ only), and ``.bias`` if the layer had one. ``config.json`` carries
 ``quantization_config.modules[<name>] = {"format": "spqr", "version", "in_features",
 "out_features", "bits", "group_size", "stat_bits", "stat_group", "nnz", "perm", "bias",
 "avg_bits"}``: everything needed to rebuild the module's buffers before the weights load.
+
+On CUDA the module swaps its code and statistics buffers, in place, for the layout the Triton
+kernels read (:func:`effllm_kernels.spqr.repack.repack`: the same bytes rearranged, no second
+copy) when it is moved there or first runs there; ``state_dict`` (and so ``save_pretrained``)
+unpacks them again, so a saved model is always in the stored format above, bit for bit.
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ import effllm_kernels.spqr as spqr_kernels
 from effllm_kernels.packing import packed_words
 from effllm_kernels.spqr.layout import FORMAT_VERSION, STAT_FP16, SpqrTensors
 from effllm_kernels.spqr.reference import dequantize, spqr_linear_reference
+from effllm_kernels.spqr.repack import SpqrKernelTensors, repack_field, unpack_field
 from effllm_tools.registry import register_format
 
 _FP16_FIELDS = ("scale_stats", "zero_stats", "outlier_val")
+#: Buffers whose layout the load-time repack changes (the others are the same in both layouts).
+_REPACKED = ("qweight", "scale_q", "zero_q", "scale_stats", "zero_stats")
 
 
 @register_format("spqr")
@@ -58,6 +66,7 @@ class SpQRLinear(nn.Module):
         buf("outlier_val", (nnz,), torch.float16)
         buf("perm", (k,) if perm else None, torch.int32)
         buf("bias", (n,) if bias else None, torch.float32)
+        self.kernel_layout = False  # True once the buffers hold the kernels' layout (repack_for_kernels)
 
     @classmethod
     def from_tensors(cls, t: SpqrTensors, bias: torch.Tensor | None = None) -> SpQRLinear:
@@ -82,15 +91,61 @@ class SpQRLinear(nn.Module):
                    spec["stat_group"], spec.get("nnz", 0), spec.get("perm", False), spec.get("bias", False),
                    device=device)
 
-    def tensors(self) -> SpqrTensors:
-        """The buffers as :class:`SpqrTensors` (fp16 fields kept fp16 even if a cast touched them)."""
+    def _meta(self) -> dict[str, int]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
+                "group_size": self.group_size, "stat_bits": self.stat_bits, "stat_group": self.stat_group}
+
+    def _fields(self) -> dict[str, torch.Tensor | None]:
+        """The buffers by field name (fp16 fields kept fp16 even if a cast touched them)."""
         fields = {name: getattr(self, name) for name in SpqrTensors.TENSOR_FIELDS}
         for name in _FP16_FIELDS + (("scale_q", "zero_q") if self.stat_bits == STAT_FP16 else ()):
             if fields[name] is not None and fields[name].dtype != torch.float16:
                 fields[name] = fields[name].to(torch.float16)
-        meta = {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
-                "group_size": self.group_size, "stat_bits": self.stat_bits, "stat_group": self.stat_group}
-        return SpqrTensors(**meta, **fields)
+        return fields
+
+    def tensors(self) -> SpqrTensors:
+        """The layer in the stored layout (unpacked from the kernels' layout when repacked: a copy)."""
+        fields = self._fields()
+        if self.kernel_layout:
+            fields = {name: unpack_field(name, v, self._meta()) for name, v in fields.items()}
+        return SpqrTensors(**self._meta(), **fields)
+
+    def layer(self) -> SpqrTensors | SpqrKernelTensors:
+        """The buffers as they are: :class:`SpqrKernelTensors` when repacked, else :class:`SpqrTensors`."""
+        cls = SpqrKernelTensors if self.kernel_layout else SpqrTensors
+        return cls(**self._meta(), **self._fields())
+
+    def repack_for_kernels(self) -> None:
+        """Swap the code and statistics buffers for the Triton kernels' layout, in place (no copy kept).
+
+        Done automatically when the module moves to, or first runs on, a CUDA device.
+        """
+        if not self.kernel_layout:
+            self._set_layout(True)
+
+    def unpack_buffers(self) -> None:
+        """Put the stored layout back into the buffers (the inverse of :meth:`repack_for_kernels`)."""
+        if self.kernel_layout:
+            self._set_layout(False)
+
+    def _set_layout(self, kernel: bool) -> None:
+        convert = repack_field if kernel else unpack_field
+        for name in _REPACKED:
+            if self._buffers.get(name) is not None:
+                self._buffers[name] = convert(name, self._buffers[name], self._meta())
+        self.kernel_layout = kernel
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        """The stored layout, whatever layout the buffers hold (so checkpoints never change format)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.kernel_layout:
+            for name in _REPACKED:
+                if prefix + name in destination:
+                    destination[prefix + name] = unpack_field(name, destination[prefix + name], self._meta())
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        self.unpack_buffers()  # a state dict always holds the stored layout
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def nnz(self) -> int:
@@ -120,11 +175,17 @@ class SpQRLinear(nn.Module):
                 continue
             moved = fn(value)
             self._buffers[name] = moved if name == "bias" or moved.dtype == value.dtype else value.to(moved.device)
+        if self.qweight.is_cuda and not self.kernel_layout:
+            self.repack_for_kernels()
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        linear = getattr(spqr_kernels, "spqr_linear", None) or spqr_linear_reference
-        return linear(x, self.tensors(), self.bias)
+        if self.qweight.is_cuda and not self.kernel_layout and not torch.compiler.is_compiling():
+            self.repack_for_kernels()  # loaded straight onto the GPU (device_map): repack on first use
+        linear = getattr(spqr_kernels, "spqr_linear", None)
+        if linear is None:
+            return spqr_linear_reference(x, self.tensors(), self.bias)
+        return linear(x, self.layer(), self.bias)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, "
