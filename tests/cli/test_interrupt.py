@@ -11,13 +11,16 @@ import time
 from tests.conftest import REPO, make_tiny_llama
 
 
-def test_ctrl_c_leaves_nothing(tmp_path):
-    # A model large enough that quantizing and writing take a few seconds on the CPU.
+def test_ctrl_c_leaves_nothing(tmp_path, sample_text):
+    # A calibrated method on a model large enough that the stage runs for many seconds on the CPU,
+    # so the interrupt lands inside it even on a loaded machine (a quick rtn run once finished first).
     model = make_tiny_llama(tmp_path / "m", hidden=768, layers=12, vocab=2048)
     out = tmp_path / "o"
-    proc = subprocess.Popen([sys.executable, "-m", "effllm_cli.main", "quantize", "--bits", "3", "--group-size", "16",
-                             str(model), "-o", str(out), "-v"], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen([sys.executable, "-m", "effllm_cli.main", "quantize", "--method", "gptq", "--bits", "3",
+                             "--group-size", "16", "--dataset", str(sample_text), "--nsamples", "64",
+                             "--calib-seqlen", "128", str(model), "-o", str(out), "-v"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     # Wait until the run is inside the stage (logged on stderr), then interrupt as a terminal would.
     seen = ""
     deadline = time.time() + 120
