@@ -16,7 +16,7 @@ def test_ctrl_c_leaves_nothing(tmp_path, sample_text):
     # so the interrupt lands inside it even on a loaded machine (a quick rtn run once finished first).
     model = make_tiny_llama(tmp_path / "m", hidden=768, layers=12, vocab=2048)
     out = tmp_path / "o"
-    proc = subprocess.Popen([sys.executable, "-m", "effllm_cli.main", "quantize", "--method", "gptq", "--bits", "3",
+    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "effllm_cli.main", "quantize", "--method", "gptq", "--bits", "3",
                              "--group-size", "16", "--dataset", str(sample_text), "--nsamples", "64",
                              "--calib-seqlen", "128", str(model), "-o", str(out), "-v"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -30,7 +30,12 @@ def test_ctrl_c_leaves_nothing(tmp_path, sample_text):
             break
         seen += line
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:  # hung: SIGABRT makes faulthandler print every thread's stack
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=60)
+        raise AssertionError(f"no exit 180 s after Ctrl-C; log and stacks:\n{seen[-2000:]}\n{err[-6000:]}") from None
     assert proc.returncode == 130, (proc.returncode, seen + err)
     assert "interrupted" in err
     assert not out.exists()
