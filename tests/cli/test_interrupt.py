@@ -12,15 +12,18 @@ from tests.conftest import REPO, make_tiny_llama
 
 
 def test_ctrl_c_leaves_nothing(tmp_path, sample_text):
-    # A calibrated method on a model large enough that the stage runs for many seconds on the CPU,
-    # so the interrupt lands inside it even on a loaded machine (a quick rtn run once finished first).
+    # A calibrated method on a model large enough that the stage runs for minutes on the CPU, so the
+    # interrupt lands inside it even on a loaded machine.
     model = make_tiny_llama(tmp_path / "m", hidden=768, layers=12, vocab=2048)
     out = tmp_path / "o"
     proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "effllm_cli.main", "quantize", "--method", "gptq", "--bits", "3",
                              "--group-size", "16", "--dataset", str(sample_text), "--nsamples", "64",
                              "--calib-seqlen", "128", str(model), "-o", str(out), "-v"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+                            # A suite started in the background (`cmd &`) inherits SIGINT ignored, and
+                            # Python then never raises KeyboardInterrupt: give the child the default back.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # Wait until the run is inside the stage (logged on stderr), then interrupt as a terminal would.
     seen = ""
     deadline = time.time() + 120
