@@ -39,12 +39,20 @@ def problem(seed: int, n: int = 40, k: int = 96, skew: float = 1.0) -> tuple[tor
 
 
 def test_sixteen_bit_like_settings_reproduce_the_weights():
+    """8-bit codes with fp16 or 8-bit statistics reproduce the layer: its output error
+    tr(dW H dW^T) / tr(W H W^T) is ~1e-5 (GPTQ's compensation moves single weights by ~1%, which
+    the output does not see), against ~1e-2 at 3 bits."""
     w, h = problem(0)
+
+    def out_err(res):
+        d = res.weight - w
+        return float(torch.trace(d @ h @ d.T) / torch.trace(w @ h @ w.T))
+
     for stat_bits in (16, 8):
         res = spqr_quantize(w, h, bits=8, group_size=16, stat_bits=stat_bits, stat_group=16)
-        assert float((res.weight - w).norm() / w.norm()) < 1e-2, stat_bits
+        assert out_err(res) < 1e-4 and float((res.weight - w).norm() / w.norm()) < 3e-2, stat_bits
     three = spqr_quantize(w, h, bits=3, stat_bits=3, outlier_threshold=None)
-    assert float((three.weight - w).norm() / w.norm()) > 0.05  # the measure is not vacuous
+    assert out_err(three) > 1e-3  # the measure is not vacuous
 
 
 @pytest.mark.parametrize("k", [96, 100])  # 100: a ragged last group

@@ -150,3 +150,25 @@ def test_cli_bad_recipe_values_exit_2(tiny_llama, tmp_path, override, needle):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and needle in lines[0], proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(("name", "bits"), [("spqr-3bit", 3), ("spqr-4bit", 4)])
+def test_shipped_spqr_recipes_run(tiny_llama, tmp_path, sample_text, name, bits):
+    """The shipped recipes as a user runs them (tiny model and calibration swapped in): the keys are
+    the documented ones, the output loads and its exact average bits follow the bit formula."""
+    from pathlib import Path
+
+    from effllm_tools.recipe import load_recipe_file
+    from effllm_tools.runner import run_recipe
+
+    path = Path(__file__).parents[2] / "recipes" / f"{name}.yaml"
+    recipe = load_recipe_file(path, [f"model={tiny_llama}", f"calibration.dataset={sample_text}",
+                                     "calibration.nsamples=4", "calibration.seqlen=32", f"output.path={tmp_path / 'r'}"])
+    cfg = recipe.stages[0].config
+    assert (cfg.bits, cfg.group_size, cfg.stat_bits, cfg.stat_group, cfg.act_order, cfg.percdamp) == (bits, 16, 3, 16, True, 0.01)
+    assert SpQRConfig().percdamp == cfg.percdamp  # the recipe spells out the method's defaults
+    res = run_recipe(recipe, device="cpu")
+    floor = bits + 6 / 16 + 64 / 256  # no outliers, full groups and blocks
+    assert floor <= res["metrics"]["avg_bits"] < floor + 0.6
+    model = effllm_tools.load(str(tmp_path / "r")).model
+    assert any(isinstance(m, SpQRLinear) for m in model.modules())

@@ -165,7 +165,7 @@ def spqr_quantize(
     outlier_threshold: float | None = 0.7,
     simplified_outliers: bool = False,
     act_order: bool = True,
-    percdamp: float = 1.0,
+    percdamp: float = 0.01,
     block_size: int = 128,
     max_retries: int = 4,
 ) -> SpQRResult:
