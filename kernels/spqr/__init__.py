@@ -27,6 +27,7 @@ from effllm_kernels.spqr.repack import SpqrKernelTensors, repack, unpack
 
 __all__ = [
     "FORMAT_VERSION", "STAT_FP16", "SpqrKernelTensors", "SpqrTensors", "dequantize", "dequantize_stored",
+    "kernel_unsupported_reason",
     "repack", "spqr_linear", "spqr_linear_op", "spqr_linear_reference", "triton_unsupported_reason", "unpack",
 ]
 
@@ -36,12 +37,19 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 Layer = SpqrTensors | SpqrKernelTensors
 
 
+def kernel_unsupported_reason(group_size: int) -> str | None:
+    """Why the kernels cannot run this format, or None (groups of 8, 16 or a multiple of 32)."""
+    if group_size in (8, 16) or group_size % 32 == 0:
+        return None
+    return f"group_size={group_size} (kernels need 8, 16 or a multiple of 32)"
+
+
 def triton_unsupported_reason(x: torch.Tensor, t: Layer) -> str | None:
     """Why the Triton kernels cannot serve this call, or None when they can."""
     if x.dtype not in _KERNEL_DTYPES:
         return f"activation dtype {x.dtype} (kernels take float16, bfloat16 or float32)"
-    if t.group_size not in (8, 16) and t.group_size % 32 != 0:
-        return f"group_size={t.group_size} (kernels need 8, 16 or a multiple of 32)"
+    if (reason := kernel_unsupported_reason(t.group_size)) is not None:
+        return reason
     if x.device != t.qweight.device:
         return f"x on {x.device} but the weight on {t.qweight.device}"
     return None

@@ -10,6 +10,7 @@ import triton
 
 from effllm_kernels.dispatch import interpreter_enabled
 from effllm_kernels.splitk import SCRATCH, output_buffer
+from effllm_kernels.spqr import kernel_unsupported_reason
 from effllm_kernels.spqr.layout import STAT_FP16, SpqrTensors
 from effllm_kernels.spqr.repack import SpqrKernelTensors, repack
 
@@ -83,13 +84,6 @@ def _slots(cfg: KernelConfig) -> int:
     """R: outlier slots per row and step, so that the outlier tile holds a few elements per thread."""
     per_slot = cfg.block_n * (cfg.block_m if cfg.path == "mma" else 1)
     return max(1, min(64, triton.next_power_of_2(-(-OUTLIER_ELEMS_PER_THREAD * 32 * cfg.num_warps // per_slot))))
-
-
-def kernel_unsupported_reason(group_size: int) -> str | None:
-    """Why the kernels cannot run this format, or None (groups of 8, 16 or a multiple of 32)."""
-    if group_size in (8, 16) or group_size % 32 == 0:
-        return None
-    return f"group_size={group_size} (kernels need 8, 16 or a multiple of 32)"
 
 
 def spqr_matmul_triton(

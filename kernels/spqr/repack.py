@@ -75,39 +75,16 @@ def unpack_qweight(qweight_t: torch.Tensor, in_features: int, bits: int) -> torc
     return qweight_t[: packed_words(in_features, bits)].t().contiguous()
 
 
-def _second_level_to_kernel(stats: torch.Tensor | None) -> torch.Tensor | None:
-    return None if stats is None else stats.permute(1, 2, 0).contiguous()  # [B, G, 2] -> [G, 2, B]
+def _second_level_to_kernel(stats: torch.Tensor) -> torch.Tensor:
+    return stats.permute(1, 2, 0).contiguous()  # [B, G, 2] -> [G, 2, B]
 
 
-def _second_level_to_stored(stats: torch.Tensor | None) -> torch.Tensor | None:
-    return None if stats is None else stats.permute(2, 0, 1).contiguous()  # [G, 2, B] -> [B, G, 2]
-
-
-def repack(t: SpqrTensors) -> SpqrKernelTensors:
-    """The kernel layout of a stored layer (new tensors on t's device; ``t`` is left as it is)."""
-    t.validate()
-    return SpqrKernelTensors(
-        **t.meta(),
-        qweight=repack_qweight(t.qweight, t.in_features, t.bits),
-        scale_q=t.scale_q.t().contiguous(), zero_q=t.zero_q.t().contiguous(),
-        scale_stats=_second_level_to_kernel(t.scale_stats), zero_stats=_second_level_to_kernel(t.zero_stats),
-        outlier_rowptr=t.outlier_rowptr, outlier_col=t.outlier_col, outlier_val=t.outlier_val, perm=t.perm,
-    )
-
-
-def unpack(k: SpqrKernelTensors) -> SpqrTensors:
-    """The stored layer of a repacked one, bit-exact (inverse of :func:`repack`)."""
-    return SpqrTensors(
-        **k.meta(),
-        qweight=unpack_qweight(k.qweight, k.in_features, k.bits),
-        scale_q=k.scale_q.t().contiguous(), zero_q=k.zero_q.t().contiguous(),
-        scale_stats=_second_level_to_stored(k.scale_stats), zero_stats=_second_level_to_stored(k.zero_stats),
-        outlier_rowptr=k.outlier_rowptr, outlier_col=k.outlier_col, outlier_val=k.outlier_val, perm=k.perm,
-    )
+def _second_level_to_stored(stats: torch.Tensor) -> torch.Tensor:
+    return stats.permute(2, 0, 1).contiguous()  # [G, 2, B] -> [B, G, 2]
 
 
 def repack_field(name: str, value: torch.Tensor | None, meta: dict[str, int]) -> torch.Tensor | None:
-    """One stored field in the kernel layout (for modules that swap their buffers one at a time)."""
+    """One stored field in the kernel layout (the module docstring's list; other fields unchanged)."""
     if value is None:
         return None
     if name == "qweight":
@@ -130,6 +107,19 @@ def unpack_field(name: str, value: torch.Tensor | None, meta: dict[str, int]) ->
     if name in ("scale_stats", "zero_stats"):
         return _second_level_to_stored(value)
     return value
+
+
+def repack(t: SpqrTensors) -> SpqrKernelTensors:
+    """The kernel layout of a stored layer (new tensors on t's device; ``t`` is left as it is)."""
+    t.validate()
+    meta = t.meta()
+    return SpqrKernelTensors(**meta, **{f: repack_field(f, getattr(t, f), meta) for f in t.TENSOR_FIELDS})
+
+
+def unpack(k: SpqrKernelTensors) -> SpqrTensors:
+    """The stored layer of a repacked one, bit-exact (inverse of :func:`repack`)."""
+    meta = k.meta()
+    return SpqrTensors(**meta, **{f: unpack_field(f, getattr(k, f), meta) for f in k.TENSOR_FIELDS})
 
 
 __all__ = ["STAT_FP16", "SpqrKernelTensors", "repack", "repack_field", "unpack", "unpack_field"]
