@@ -35,8 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 METHODS = ("base", "pi", "ntk", "yarn", "longrope", "longrope2", "longrope2-af1", "longrope2-none")
 # Rows that run a method with other stage keys: longrope2-none searches *under* attention factor 1,
 # so the model is exactly the base model up to the original window (longrope2-af1 only resets the
-# factor of the factors found under the su rule).
-VARIANTS = {"longrope2-none": ("longrope2", {"mscale": "none"})}
+# factor of the factors found under the su rule); the -mixed rows score 4 search documents, two at
+# half the target length and two at the target (``eval_length`` as a list).
+MIXED = {"eval_length": ["half", "target"], "samples": 4}
+VARIANTS = {"longrope2-none": ("longrope2", {"mscale": "none"}),
+            "longrope2-mixed": ("longrope2", MIXED),
+            "longrope2-none-mixed": ("longrope2", {"mscale": "none", **MIXED})}
 
 
 def parse_args() -> argparse.Namespace:
@@ -75,9 +79,12 @@ def extend(args: argparse.Namespace, method: str, out: Path) -> dict[str, Any]:
     from effllm_tools.runner import run_recipe
 
     method, extra = VARIANTS.get(method, (method, {}))
-    stage: dict[str, Any] = {"method": method, "target_length": args.target, **extra}
+    stage: dict[str, Any] = {"method": method, "target_length": args.target}
     if method in ("longrope", "longrope2"):
         stage.update(search_keys(args))
+    stage.update(extra)
+    if "eval_length" in extra:
+        stage["eval_length"] = [args.target // 2 if n == "half" else args.target for n in extra["eval_length"]]
     raw = {"version": 1, "model": args.model, "seed": args.seed, "stages": [stage],
            "output": {"path": str(out), "overwrite": True}}
     res = run_recipe(parse_recipe(raw, source="bench"), device=args.device, dtype=args.dtype)

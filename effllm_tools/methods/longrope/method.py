@@ -67,7 +67,10 @@ class SearchConfig(SearchSettings, ScalingConfig):
     mscale: str | float = "su"  # attention factor: su (transformers' longrope rule), yarn, none, or a number
     dataset: str = "austen-emma"  # haystack text of the search documents (disjoint from the PPL eval novel)
     samples: int = 4  # documents per candidate evaluation
-    eval_length: int | None = None  # tokens per search document (default: target_length)
+    # tokens per search document (default: target_length); a list spreads the documents over several
+    # lengths (document i has length eval_length[i % n]): transformers applies the long factors at
+    # every length above the original window, so a search can score them at 16k as well as at 32k
+    eval_length: int | list[int] | None = None
     finetune_tokens: int = 0  # > 0: mixed context-window fine-tuning after the search
     finetune_lr: float = 2e-5
     finetune_short_fraction: float = 0.3
@@ -190,6 +193,18 @@ def search_space(cfg: SearchConfig, *, v2: bool, base: float, dim: int, original
     return space, init, tcd
 
 
+def search_lengths(cfg: SearchConfig, original: int, target: int) -> list[int]:
+    """The search documents' lengths (``eval_length``: one length or a list; default the target)."""
+    given = cfg.eval_length if cfg.eval_length is not None else target
+    lengths = list(given) if isinstance(given, list) else [given]
+    if not lengths:
+        raise BadInputError("eval_length must name at least one length")
+    for n in lengths:
+        if n <= original:
+            raise BadInputError(f"eval_length {n} must exceed the original context {original} (long factors)")
+    return [int(n) for n in lengths]
+
+
 def _fingerprint(ctx: Any, cfg: SearchConfig, method: str) -> str:
     payload = {"method": method, "config": dataclasses.asdict(cfg), "seed": ctx.recipe.seed,
                "model": ctx.recipe.model, "dtype": str(next(ctx.model.parameters()).dtype), "device": ctx.device}
@@ -208,9 +223,7 @@ def run_search(ctx: Any, cfg: SearchConfig, *, v2: bool) -> StageResult:
     base, dim = rope.rope_base_and_dim(ctx.model.config)
     mscale = rope.resolve_mscale(cfg.mscale, s, original)
     space, init, tcd = search_space(cfg, v2=v2, base=base, dim=dim, original=original, s=s)
-    length = cfg.eval_length or target
-    if length <= original:
-        raise BadInputError(f"eval_length {length} must exceed the original context {original} (long factors)")
+    length = search_lengths(cfg, original, target)
     if ctx.tokenizer is None:
         raise UnsupportedError("context-extension search needs the model's tokenizer to build documents")
     hay = load_haystack(ctx.tokenizer, cfg.dataset)
@@ -239,7 +252,7 @@ def run_search(ctx: Any, cfg: SearchConfig, *, v2: bool) -> StageResult:
         from effllm_tools.methods.longrope.finetune import mixed_window_finetune
 
         metrics.update(mixed_window_finetune(
-            ctx.model, hay, long_factors=result.factors, mscale=mscale, short_len=original, long_len=length,
+            ctx.model, hay, long_factors=result.factors, mscale=mscale, short_len=original, long_len=max(length),
             tokens=cfg.finetune_tokens, lr=cfg.finetune_lr, short_fraction=cfg.finetune_short_fraction,
             seed=ctx.recipe.seed, device=ctx.device, reporter=ctx.reporter))
     ctx.model.to("cpu")

@@ -61,21 +61,27 @@ def document_nll(model: Any, docs: Sequence[torch.Tensor], device: Any) -> float
     return total / max(count, 1)
 
 
-def make_objective(model: Any, hay: Haystack, *, kind: str, length: int, samples: int, needles: int, mscale: float,
-                   seed: int, device: Any) -> tuple[Callable[[list[float]], float], dict[str, Any]]:
-    """``objective(factors)`` for the search, and a description of its documents for provenance."""
+def make_objective(model: Any, hay: Haystack, *, kind: str, length: int | Sequence[int], samples: int, needles: int,
+                   mscale: float, seed: int, device: Any) -> tuple[Callable[[list[float]], float], dict[str, Any]]:
+    """``objective(factors)`` for the search, and a description of its documents for provenance.
+
+    ``length``: one document length, or several that the ``samples`` documents cycle through.
+    """
     rng = random.Random(seed)
+    cycle = [int(length)] if isinstance(length, int) else [int(n) for n in length]
+    lengths = [cycle[i % len(cycle)] for i in range(samples)]
+    shown: int | list[int] = cycle[0] if len(cycle) == 1 else lengths
     if kind == "needle":
-        ndocs = [needle_document(hay, length, needles, rng) for _ in range(samples)]
-        meta = {"objective": "needle-driven answer NLL", "documents": samples, "length": length,
+        ndocs = [needle_document(hay, n, needles, rng) for n in lengths]
+        meta = {"objective": "needle-driven answer NLL", "documents": samples, "length": shown,
                 "needles_per_document": needles, "answer_tokens": sum(len(d.answer_positions) for d in ndocs)}
 
         def objective(factors: list[float]) -> float:
             with installed_rope(model, factors, mscale):
                 return answer_nll(model, ndocs, device)
     else:
-        pdocs = [long_document(hay, length, rng) for _ in range(samples)]
-        meta = {"objective": "document NLL", "documents": samples, "length": length}
+        pdocs = [long_document(hay, n, rng) for n in lengths]
+        meta = {"objective": "document NLL", "documents": samples, "length": shown}
 
         def objective(factors: list[float]) -> float:
             with installed_rope(model, factors, mscale):
