@@ -40,7 +40,9 @@ METHODS = ("base", "pi", "ntk", "yarn", "longrope", "longrope2", "longrope2-af1"
 MIXED = {"eval_length": ["half", "target"], "samples": 4}
 VARIANTS = {"longrope2-none": ("longrope2", {"mscale": "none"}),
             "longrope2-mixed": ("longrope2", MIXED),
-            "longrope2-none-mixed": ("longrope2", {"mscale": "none", **MIXED})}
+            "longrope2-none-mixed": ("longrope2", {"mscale": "none", **MIXED}),
+            # extra flat starts above s (init_scales): the released LLaMA3-8B factors sit 1.4-1.6x above s
+            "longrope2-mixed-lift": ("longrope2", {"init_scales": [1.2, 1.4, 1.6], **MIXED})}
 
 
 def parse_args() -> argparse.Namespace:

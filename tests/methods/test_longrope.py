@@ -132,6 +132,24 @@ def test_search_is_seeded_improves_and_respects_constraints():
         assert f[: rcd] == pytest.approx(rope.fill_lower_dims(f[rcd], rcd))
 
 
+def test_extra_starts_join_the_initial_population_and_lift_the_plateau():
+    """LongRoPE2's ``init_scales``: flat starts above s are evaluated first (after the init) and let
+    the search reach factors the neighbour-bounded mutation finds slowly from a plateau at s."""
+    from effllm_tools.methods.longrope.method import LongRoPE2Config, extra_starts
+
+    cfg = LongRoPE2Config(target_length=4, init_scales=[1.3, 1.5])
+    starts = extra_starts(cfg, SPACE, 4.0)
+    assert len(starts) == 2 * 3 and starts[0] == (4, (0, 0, 0, 0, 520, 520, 520, 520))
+    log: list = []
+    with_starts = Evolution(SPACE, _objective(log), SETTINGS, seed=3).run(INIT, starts=starts)
+    plain = Evolution(SPACE, _objective(), SETTINGS, seed=3).run(INIT)
+    first = [SPACE.factors(r, k) for r, k in [INIT] + starts]
+    assert log[: len(first)] == first  # evaluated in order, before any mutation
+    assert with_starts.objective < plain.objective
+    for f in log:  # the constraints still hold for every candidate
+        assert all(x <= y + 1e-12 for x, y in zip(f, f[1:], strict=False)) and f[-1] <= 8.0
+
+
 @pytest.mark.parametrize("stop_at", [5, 20, 37])  # during initialisation, in iteration 1, in a later one
 def test_resumed_search_ends_where_an_uninterrupted_one_does(tmp_path, stop_at):
     full = Evolution(SPACE, _objective(), SETTINGS, seed=7).run(INIT)

@@ -102,11 +102,17 @@ class LongRoPE2Config(SearchConfig):
 
     needles: int = 3  # needles per search document
     critical_dim_range: int = 4  # the real critical dimension is searched this many pairs below theory
+    # extra starting candidates: factors of c * s at and above each candidate critical dimension, one
+    # per c here (e.g. [1.2, 1.5]); the released LLaMA3-8B factors sit 1.4-1.6x above s there, and the
+    # neighbour-bounded mutation rarely lifts a plateau at s (default: none, the single official start)
+    init_scales: list[float] = dataclasses.field(default_factory=list)
 
     def validate(self) -> None:
         super().validate()
         if self.needles < 1 or self.critical_dim_range < 0:
             raise BadInputError("needles must be >= 1 and critical_dim_range >= 0")
+        if any(c < 1 or c > self.factor_cap for c in self.init_scales):
+            raise BadInputError(f"init_scales must lie in [1, factor_cap = {self.factor_cap}], got {self.init_scales}")
 
 
 def lengths(ctx: Any, cfg: ScalingConfig) -> tuple[int, int, float]:
@@ -193,6 +199,16 @@ def search_space(cfg: SearchConfig, *, v2: bool, base: float, dim: int, original
     return space, init, tcd
 
 
+def extra_starts(cfg: SearchConfig, space: Any, s: float) -> list[tuple[int, tuple[int, ...]]]:
+    """LongRoPE2's ``init_scales`` starts: flat factors c * s from each candidate critical dimension."""
+    starts = []
+    for c in getattr(cfg, "init_scales", []):
+        k = min(space.kmax, max(space.kmin, round(c * s / cfg.step)))
+        for rcd in range(space.rcd_hi, space.rcd_lo - 1, -1):
+            starts.append((rcd, tuple([0] * rcd + [k] * (space.n - rcd))))
+    return starts
+
+
 def search_lengths(cfg: SearchConfig, original: int, target: int) -> list[int]:
     """The search documents' lengths (``eval_length``: one length or a list; default the target)."""
     given = cfg.eval_length if cfg.eval_length is not None else target
@@ -234,7 +250,7 @@ def run_search(ctx: Any, cfg: SearchConfig, *, v2: bool) -> StageResult:
     state = ctx.state_dir / method / "search.json" if ctx.state_dir is not None else None
     evo = Evolution(space, objective, cfg, ctx.recipe.seed, state, _fingerprint(ctx, cfg, method))
     t0 = time.perf_counter()
-    result = evo.run(init, resume=ctx.resume,
+    result = evo.run(init, resume=ctx.resume, starts=extra_starts(cfg, space, s),
                      progress=lambda steps, total: ctx.reporter.progress_iter(steps, f"{method} search", total=total))
     search_s = time.perf_counter() - t0
     ctx.reporter.info(f"{method}: best objective {result.objective:.4f} (ppl {math.exp(result.objective):.3f}) "

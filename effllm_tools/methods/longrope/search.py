@@ -193,7 +193,10 @@ class Evolution:
 
     # -- main loop --------------------------------------------------------------------------------
     def run(self, init: tuple[int, tuple[int, ...]], *, resume: bool = False,
-            progress: Callable[[Iterable[int], int], Iterable[int]] | None = None) -> SearchResult:
+            progress: Callable[[Iterable[int], int], Iterable[int]] | None = None,
+            starts: Iterable[tuple[int, tuple[int, ...]]] = ()) -> SearchResult:
+        """Search from ``init``: the initial population is ``init``, then the valid new ``starts``
+        (extra starting candidates, at most ``population - 1``), then mutations of ``init``."""
         s = self.s
         if not resume and self.state_path is not None and self.state_path.exists():
             self.state_path.unlink()  # a fresh search never mixes with an old one's cache
@@ -212,7 +215,12 @@ class Evolution:
             init = self.space.canonical(*init)
             self.value(*init)
             population = [init]
-            for _ in range(s.population - 1):
+            for extra in starts:
+                cand = self.space.canonical(extra[0], list(extra[1]))
+                if len(population) < s.population and self.space.valid(*cand) and cand not in population:
+                    population.append(cand)
+                    self.value(*cand)
+            while len(population) < s.population:
                 population.append(self.mutate(*init))
                 self.value(*population[-1])
             curve = [min(self.value(*c) for c in population)]
