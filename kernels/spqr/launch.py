@@ -30,16 +30,19 @@ class KernelConfig:
 
     ``host_perm`` (GEMV): gather x through the permutation once per call on the host side (one
     small extra launch) instead of in every program; the tensor-core kernel always does.
+    ``gemv16`` is the fp16x2 GEMV (:mod:`.triton_gemv16`; :func:`gemv16_unsupported_reason`).
     """
 
-    path: str  # "gemv" or "mma"
-    block_m: int  # activation rows per program (1 for the GEMV)
+    path: str  # "gemv16", "gemv" or "mma"
+    block_m: int  # activation rows per program (1 for the GEMVs)
     block_n: int  # weight rows per program
     units: int  # C: 32-code units per step of the K loop (BK = 32 * C codes)
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
     host_perm: bool = False
+    rows: int = 4  # gemv16: neighbouring rows per thread (R)
+    prefetch: bool = True  # gemv16: load step i + 1 before the math of step i
 
 
 @functools.lru_cache(maxsize=8)
@@ -59,25 +62,73 @@ def _split_for(programs: int, n_steps: int, target: int, cap: int) -> int:
 def with_split(cfg: KernelConfig, m: int, t: SpqrTensors | SpqrKernelTensors, device: torch.device) -> KernelConfig:
     """``cfg`` with the K split that brings its programs near the occupancy target of its path."""
     n_units = -(-t.in_features // 32)
-    programs = -(-t.out_features // cfg.block_n) * (m if cfg.path == "gemv" else -(-m // cfg.block_m))
-    target = (8 if cfg.path == "gemv" else 4) * _sm_count(device)
+    gemv = cfg.path.startswith("gemv")
+    programs = -(-t.out_features // cfg.block_n) * (m if gemv else -(-m // cfg.block_m))
+    target = {"gemv16": 3, "gemv": 8}.get(cfg.path, 4) * _sm_count(device)
     return replace(cfg, split_k=_split_for(programs, -(-n_units // cfg.units), target, 32))
 
 
-def pick_config(m: int, t: SpqrTensors | SpqrKernelTensors, device: torch.device) -> KernelConfig:
+def pick_config(m: int, t: SpqrTensors | SpqrKernelTensors, device: torch.device,
+                dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
     """Heuristic launch configuration for an [m, K] input.
 
     From ``scripts/bench_spqr_matmul.py --sweep`` on the H200 (2026-11-29; 3-bit codes and
-    statistics, 16/16 groups; 4096x4096, 14336x4096, 4096x14336): the GEMV is fastest as many small
+    statistics, 16/16 groups; 4096x4096, 14336x4096, 4096x14336): the fp16x2 GEMV (bf16 activations,
+    2-4 bits, groups of 16) 256 rows x 2 units on 4 warps, K split to ~3 programs per SM (fewer,
+    longer programs amortise the activation prologue, the outliers and the split-K reduction;
+    splits of 2x that were 5-25% slower); the fp32 GEMV (the other formats and dtypes) as many small
     programs (128 rows x 2 units on 2 warps, K split to ~8 programs per SM: latency, not issue,
     bounds it; 4 warps x 4 units were 10-30% slower, 8 warps 2x); the tensor-core kernel 128 rows x
     2 units on 4 warps, 3 stages, split to ~4 programs per SM, for M = 16 and 64 (within ~20% of the
     best candidate of every case; the splits between the measured ones are interpolated).
     """
+    if m <= GEMV_MAX_M and gemv16_unsupported_reason(dtype, t) is None:
+        return with_split(KernelConfig("gemv16", 1, 256, 2, num_warps=4, num_stages=1), m, t, device)
     if m <= GEMV_MAX_M:
         return with_split(KernelConfig("gemv", 1, 128, 2, num_warps=2, num_stages=2), m, t, device)
     bm = min(64, max(16, triton.next_power_of_2(m)))
     return with_split(KernelConfig("mma", bm, 128, 2, num_warps=4, num_stages=3), m, t, device)
+
+
+#: Activation scale of the fp16x2 GEMV per activation dtype (a power of two: exact; bf16 values up to
+#: ~2e5 keep the fp16 group sums finite; the rescale by 1 / XS happens once per row in fp32).
+GEMV16_XS = {torch.bfloat16: 2.0**-8}
+
+
+def gemv16_unsupported_reason(dtype: torch.dtype, t: SpqrTensors | SpqrKernelTensors,
+                              rows: int = 4) -> str | None:
+    """Why the fp16x2 GEMV cannot serve this layer and activation dtype, or None."""
+    if dtype not in GEMV16_XS:
+        return f"activations {dtype} (the fp16x2 GEMV takes {list(GEMV16_XS)})"
+    if t.bits not in (2, 3, 4) or t.group_size != 16:
+        return f"{t.bits}-bit codes in groups of {t.group_size} (it takes 2-4 bits, groups of 16)"
+    if t.stat_bits != STAT_FP16 and t.stat_group % rows:
+        return f"statistics blocks of {t.stat_group} rows ({rows} rows per thread must share one)"
+    return None
+
+
+_X_SCRATCH: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def x_scratch(device: torch.device, units: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp16x2 GEMV's activation scratch: (int32 >= 16 * units, fp32 >= 2 * units) on ``device``.
+
+    Kept between calls and only grown (like the split-K scratch: calls of one device must not run
+    concurrently on two streams; the first call of a shape belongs outside CUDA-graph capture).
+    """
+    xs, sx = _X_SCRATCH.get(device, (None, None))
+    if xs is None or xs.numel() < 16 * units:
+        xs = torch.empty(max(16 * units, 1 << 16), dtype=torch.int32, device=device)
+        sx = torch.empty(max(2 * units, 1 << 13), dtype=torch.float32, device=device)
+        _X_SCRATCH[device] = (xs, sx)
+    return xs, sx
+
+
+def _gemv16_slots(t: SpqrTensors | SpqrKernelTensors, split: int) -> int:
+    """Outlier slots per row and step of the fp16x2 GEMV: ~1.5x a row's mean share per K split, so that
+    most programs take one step of the outlier loop without loading many empty slots."""
+    share = t.nnz / max(1, t.out_features) / split
+    return max(2, min(16, triton.next_power_of_2(int(1.5 * share) + 1)))
 
 
 def _slots(cfg: KernelConfig) -> int:
@@ -113,8 +164,10 @@ def spqr_matmul_triton(
     y = output_buffer(out, m, n, x)
     if m == 0 or n == 0:
         return y.reshape(*x.shape[:-1], n)
-    cfg = config or pick_config(m, t, x.device)
+    cfg = config or pick_config(m, t, x.device, x.dtype)
     mma = cfg.path == "mma"
+    if cfg.path == "gemv16" and (reason := gemv16_unsupported_reason(x.dtype, t, cfg.rows)) is not None:
+        raise ValueError(f"spqr fp16x2 GEMV: unsupported {reason}")
     gather_in_kernel = t.perm is not None and not (mma or cfg.host_perm)
     if mma:  # [K, M], stored column order: one gather and transpose of x per call
         x2 = x2.t().index_select(0, t.perm) if t.perm is not None else x2.t().contiguous()
@@ -153,7 +206,19 @@ def spqr_matmul_triton(
     )
     from effllm_kernels.spqr.triton_kernels import _spqr_gemv_kernel, _spqr_mma_kernel
 
-    if mma:
+    if cfg.path == "gemv16":
+        from effllm_kernels.spqr.pair_asm import dot_asm
+        from effllm_kernels.spqr.triton_gemv16 import _spqr_gemv16_kernel
+
+        asm, cons = dot_asm(t.bits)
+        for key in ("GROUP", "C", "R", "EVEN", "NUM_STAGES"):
+            del meta[key]
+        xs, sx = x_scratch(x.device, m * n_units)
+        _spqr_gemv16_kernel[(m, n_blocks, split)](
+            *args, t.scale_q.shape[0], xs, sx, R=cfg.rows, C=cfg.units, RO=_gemv16_slots(t, split),
+            XS=GEMV16_XS[x.dtype], HAS_PERM=gather_in_kernel, PREFETCH=cfg.prefetch, DOT_ASM=asm, DOT_CONS=cons,
+            CP=min(32, triton.next_power_of_2(steps_per_split * cfg.units)), **meta)
+    elif mma:
         _spqr_mma_kernel[(n_blocks, split, m_blocks)](*args, BM=cfg.block_m, **meta)
     else:
         _spqr_gemv_kernel[(m, n_blocks, split)](*args, HAS_PERM=gather_in_kernel, **meta)

@@ -9,7 +9,11 @@ to the padding of a ragged last unit, its size; each is an exact rearrangement o
   word ``w`` of unit ``u`` (codes ``32u .. 32u + 31``) of row ``n``. A warp loads one word of 128
   neighbouring rows as 16-byte vectors, and decodes code ``j`` of a unit with a compile-time shift.
   The stored rows hold ``packed_words(K, bits)`` words; when K % 32 != 0 the last unit is padded
-  with zero words (at most ``bits - 1`` words per row).
+  with zero words (at most ``bits - 1`` words per row). 3-bit units are also *paired*
+  (:func:`paired_position`): the 96 bits of a unit are reordered so that codes ``2p`` and ``2p + 1``
+  sit at the same offset of the two 16-bit halves of one word, where one LOP3 turns them into an
+  fp16x2 (the fp16x2 GEMV, :mod:`.triton_gemv16`); 2- and 4-bit units already pair codes of one
+  group at offsets ``s`` and ``s + 16`` and keep the stored bit order.
 - ``scale_q`` / ``zero_q``: transposed, int32 [packed_words(G, stat_bits), N] (fp16 [G, N] for
   16-bit statistics): the statistic code of group g sits at the same bit of the same word row for
   every output row, so its shift is uniform across a warp.
@@ -61,18 +65,64 @@ class SpqrKernelTensors(LayerFields):
         return unpack(self).average_bits()
 
 
+#: Bit widths whose units are stored paired in the kernel layout (see the module docstring).
+PAIRED_BITS = (3,)
+_PAIRS_PER_WORD_3 = 5  # 3-bit: five pairs per word at offsets 0, 3, .., 12 of each half; pair 15 in bits 15/31
+
+
+def paired_position(code: int, bit: int) -> tuple[int, int]:
+    """(word, bit) inside a paired 3-bit unit of code ``code`` (0..31), bit ``bit`` (0..2).
+
+    Pair ``p = code // 2`` (codes 2p, 2p + 1: one group of 16 holds pairs 0..7 or 8..15): for p < 15
+    word ``p // 5``, bit ``16 * (code % 2) + 3 * (p % 5) + bit``; pair 15 (codes 30, 31) uses the spare
+    bit 15 / 31 of each word: bit ``b`` of code 30 + h is bit ``15 + 16 h`` of word ``b``.
+    """
+    p, half = divmod(code, 2)
+    if p < 15:
+        return p // _PAIRS_PER_WORD_3, 16 * half + 3 * (p % _PAIRS_PER_WORD_3) + bit
+    return bit, 15 + 16 * half
+
+
+def _u32(words: torch.Tensor) -> list[torch.Tensor]:
+    return [w.to(torch.int64) & 0xFFFFFFFF for w in words.unbind(-1)]
+
+
+def _i32(word: torch.Tensor) -> torch.Tensor:
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def _reorder_units(q: torch.Tensor, to_paired: bool) -> torch.Tensor:
+    """Words [N, n_units * 3] of 3-bit units -> the same units with their bits paired (or back)."""
+    units = q.reshape(q.shape[0], -1, 3)
+    src = _u32(units)
+    out = [torch.zeros_like(src[0]) for _ in range(3)]
+    for code in range(32):
+        for bit in range(3):
+            w, pos = paired_position(code, bit)
+            sw, spos = divmod(3 * code + bit, 32)  # the stored (LSB-first stream) position
+            if not to_paired:
+                w, pos, sw, spos = sw, spos, w, pos
+            out[w] |= ((src[sw] >> spos) & 1) << pos
+    return torch.stack([_i32(w) for w in out], dim=-1).reshape(q.shape)
+
+
 def repack_qweight(qweight: torch.Tensor, in_features: int, bits: int) -> torch.Tensor:
     """Stored codes int32 [N, packed_words(K, bits)] -> kernel layout int32 [n_units * bits, N]."""
     n_words = -(-in_features // 32) * bits
     q = qweight
     if q.shape[1] < n_words:
         q = torch.nn.functional.pad(q, (0, n_words - q.shape[1]))
+    if bits in PAIRED_BITS:
+        q = torch.cat([_reorder_units(c, True) for c in q.split(4096)]) if q.shape[0] else q
     return q.t().contiguous()
 
 
 def unpack_qweight(qweight_t: torch.Tensor, in_features: int, bits: int) -> torch.Tensor:
     """Inverse of :func:`repack_qweight` (drops the zero padding words)."""
-    return qweight_t[: packed_words(in_features, bits)].t().contiguous()
+    q = qweight_t.t()
+    if bits in PAIRED_BITS:
+        q = torch.cat([_reorder_units(c, False) for c in q.split(4096)]) if q.shape[0] else q.contiguous()
+    return q[:, : packed_words(in_features, bits)].contiguous()
 
 
 def _second_level_to_kernel(stats: torch.Tensor) -> torch.Tensor:
@@ -122,4 +172,5 @@ def unpack(k: SpqrKernelTensors) -> SpqrTensors:
     return SpqrTensors(**meta, **{f: unpack_field(f, getattr(k, f), meta) for f in k.TENSOR_FIELDS})
 
 
-__all__ = ["STAT_FP16", "SpqrKernelTensors", "repack", "repack_field", "unpack", "unpack_field"]
+__all__ = ["PAIRED_BITS", "STAT_FP16", "SpqrKernelTensors", "paired_position", "repack", "repack_field", "unpack",
+           "unpack_field"]

@@ -4,7 +4,8 @@ Codes: every row of the stored format is a dense LSB-first bit stream (:mod:`eff
 so 32 codes of ``BITS`` bits fill exactly ``BITS`` int32 words, word-aligned: the kernels walk K in
 *units* of 32 codes, and the repacked layout (:mod:`.repack`) keeps the ``BITS`` words of a unit as
 they are. Code ``J`` of a unit sits at the compile-time bit position ``J*BITS``, so it is decoded
-with one shift and one AND-OR (two shifts more for codes straddling two words) (:func:`_code`);
+with one shift and one AND-OR (two shifts more for codes straddling two words) (:func:`_code`;
+3-bit units are stored *paired*, :func:`_code_paired`);
 the ``_t*`` helpers join the 32 decoded tiles (``tl.join``, in registers) into a tile whose last
 axis is the natural K order of the unit.
 
@@ -49,21 +50,53 @@ def _code(w0, w1, w2, w3, w4, w5, w6, w7, one, J: tl.constexpr, BITS: tl.constex
     a register and the AND-OR is one LOP3 with the field mask as its immediate (a literal would be
     re-materialised before every LOP3).
     """
-    FIRST: tl.constexpr = J * BITS
-    WI: tl.constexpr = FIRST // 32
-    START: tl.constexpr = FIRST % 32
     LOW: tl.constexpr = 23 - BITS  # the field goes to mantissa bits [LOW, 23)
     FIELD: tl.constexpr = ((1 << BITS) - 1) << LOW
-    w = _word(w0, w1, w2, w3, w4, w5, w6, w7, WI)
-    D: tl.constexpr = START - LOW
-    if D >= 0:
-        v = w >> D
+    if BITS == 3:  # paired units (repack.paired_position)
+        f = _code_paired(w0, w1, w2, one, J, LOW)
     else:
-        v = w << (-D)
-    if START + BITS > 32:  # straddles: the top bits come from the next word's bottom
-        v = v | (_word(w0, w1, w2, w3, w4, w5, w6, w7, WI + 1) << (32 - START + LOW))
-    v = (v & FIELD) | one
-    return v.to(tl.float32, bitcast=True)
+        FIRST: tl.constexpr = J * BITS
+        WI: tl.constexpr = FIRST // 32
+        START: tl.constexpr = FIRST % 32
+        w = _word(w0, w1, w2, w3, w4, w5, w6, w7, WI)
+        D: tl.constexpr = START - LOW
+        if D >= 0:
+            v = w >> D
+        else:
+            v = w << (-D)
+        if START + BITS > 32:  # straddles: the top bits come from the next word's bottom
+            v = v | (_word(w0, w1, w2, w3, w4, w5, w6, w7, WI + 1) << (32 - START + LOW))
+        v = (v & FIELD) | one
+        f = v.to(tl.float32, bitcast=True)
+    return f
+
+
+@triton.jit
+def _shift_to(w, FROM: tl.constexpr, TO: tl.constexpr):
+    """``w`` shifted so that bit FROM lands at bit TO (compile-time)."""
+    if FROM >= TO:
+        v = w >> (FROM - TO)
+    else:
+        v = w << (TO - FROM)
+    return v
+
+
+@triton.jit
+def _code_paired(w0, w1, w2, one, J: tl.constexpr, LOW: tl.constexpr):
+    """Code ``J`` of a paired 3-bit unit (:func:`effllm_kernels.spqr.repack.paired_position`) as fp32
+    ``1 + q / 8``: pairs 0..14 are one field of one word, pair 15 gathers one bit from each word."""
+    P: tl.constexpr = J // 2
+    HALF: tl.constexpr = J % 2
+    if P < 15:
+        WI: tl.constexpr = P // 5
+        START: tl.constexpr = 16 * HALF + 3 * (P % 5)
+        w = _word(w0, w1, w2, w0, w0, w0, w0, w0, WI)
+        v = _shift_to(w, START, LOW) & (7 << LOW)
+    else:
+        SPARE: tl.constexpr = 15 + 16 * HALF
+        v = ((_shift_to(w0, SPARE, LOW) & (1 << LOW)) | (_shift_to(w1, SPARE, LOW + 1) & (2 << LOW))
+             | (_shift_to(w2, SPARE, LOW + 2) & (4 << LOW)))
+    return (v | one).to(tl.float32, bitcast=True)
 
 
 @triton.jit

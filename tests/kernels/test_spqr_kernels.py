@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from effllm_kernels import dispatch
-from effllm_kernels.packing import packed_words
+from effllm_kernels.packing import packed_words, unpack_codes
 from effllm_kernels.spqr import (
     SpqrKernelTensors,
     SpqrTensors,
@@ -25,6 +25,7 @@ from effllm_kernels.spqr import (
     unpack,
 )
 from effllm_kernels.spqr.op import op_args, op_meta
+from effllm_kernels.spqr.repack import PAIRED_BITS, paired_position
 from effllm_kernels.spqr.testing import random_spqr_tensors
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -91,6 +92,72 @@ def test_kernel_matches_reference_tiny(shape: tuple, config_index: int) -> None:
     assert_close_to_reference(run_kernel(x, repack(t), bias, _configs()[config_index]), x, t, bias)
 
 
+# The fp16x2 GEMV (2-4 bits, groups of 16, bf16 activations): (m, n, k, bits, stat_bits, stat_group,
+# permute, outlier density, config): every bit width, quantized and fp16 statistics, blocks of 8 and
+# 16 rows, a ragged K (a padded last unit, an odd number of groups), N not a multiple of the tile,
+# K split, prefetch on and off, the permutation gathered in the kernel and on the host, no outliers.
+def _gemv16_cases() -> list:
+    from effllm_kernels.spqr.launch import KernelConfig
+
+    return [
+        (1, 48, 352, 3, 3, 16, True, 0.03, KernelConfig("gemv16", 1, 16, 2, 1, 1, 1)),
+        (2, 40, 100, 2, 3, 16, False, 0.0, KernelConfig("gemv16", 1, 32, 1, 3, 2, 1, prefetch=False)),
+        (1, 24, 200, 4, 16, 16, True, 0.03, KernelConfig("gemv16", 1, 16, 2, 2, 1, 1, host_perm=True)),
+        (3, 36, 544, 3, 4, 8, True, 0.02, KernelConfig("gemv16", 1, 32, 2, 2, 2, 1)),
+        (1, 64, 1056, 3, 3, 16, True, 0.01, KernelConfig("gemv16", 1, 64, 4, 3, 2, 1)),
+        (1, 20, 64, 4, 2, 16, False, 0.05, KernelConfig("gemv16", 1, 16, 1, 1, 1, 1, prefetch=False)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_fp16x2_gemv_matches_reference(case: int) -> None:
+    m, n, k, bits, sb, sg, permute, density, cfg = _gemv16_cases()[case]
+    t = random_spqr_tensors(n, k, bits, 16, sb, sg, outlier_density=density, permute=permute, seed=100 + case,
+                            device=DEVICE)
+    gen = torch.Generator(device=DEVICE).manual_seed(case)
+    x = torch.randn(m, k, generator=gen, device=DEVICE).bfloat16()
+    bias = torch.randn(n, generator=gen, device=DEVICE).bfloat16() if case % 2 else None
+    assert_close_to_reference(run_kernel(x, repack(t), bias, cfg), x, t, bias)
+
+
+def test_fp16x2_gemv_is_the_default_for_bf16_decode_only() -> None:
+    from effllm_kernels.spqr.launch import gemv16_unsupported_reason, pick_config
+
+    t = random_spqr_tensors(64, 256, seed=1, device="cpu")
+    assert pick_config(1, t, torch.device("cpu"), torch.bfloat16).path == "gemv16"
+    assert pick_config(1, t, torch.device("cpu"), torch.float16).path == "gemv"
+    assert pick_config(16, t, torch.device("cpu"), torch.bfloat16).path == "mma"
+    assert "groups of 64" in gemv16_unsupported_reason(torch.bfloat16, random_spqr_tensors(16, 128, 4, 64, seed=2))
+    assert "5-bit" in gemv16_unsupported_reason(torch.bfloat16, random_spqr_tensors(16, 128, 5, 16, seed=2))
+
+
+def test_pair_asm_emulation_matches_the_group_dots() -> None:
+    """The PTX block the fp16x2 GEMV runs (emulated instruction by instruction, fp16 rounding included)
+    gives each group's sum (q - 2**(bits-1)) * x on the kernel layout of random codes."""
+    import numpy as np
+
+    from effllm_kernels.packing import pack_codes
+    from effllm_kernels.spqr.pair_asm import dot_asm, emulate, pair_layout
+    from effllm_kernels.spqr.repack import repack_qweight
+
+    rng = np.random.default_rng(0)
+    for bits in (2, 3, 4):
+        asm, cons = dot_asm(bits)
+        assert cons.count("r") == 22
+        layout = pair_layout(bits)
+        assert sorted(c for a, b, _, _ in layout for c in (a, b)) == list(range(32))
+        for _ in range(10):
+            codes = torch.from_numpy(rng.integers(0, 2**bits, (1, 32)))
+            words = repack_qweight(pack_codes(codes, bits), 32, bits)[:, 0].tolist()
+            x = rng.standard_normal(32).astype(np.float16)
+            bits16 = x.view(np.uint16).astype(np.int64)
+            pairs = [int(bits16[a]) | int(bits16[b]) << 16 for a, b, _, _ in layout]
+            got = emulate(asm, [0, 0] + (words + words[:1] * 4)[:4] + pairs)
+            q = codes[0].numpy() - 2 ** (bits - 1)
+            want = [float((q[16 * g:16 * g + 16] * x[16 * g:16 * g + 16].astype(np.float64)).sum()) for g in (0, 1)]
+            assert np.allclose(got, want, rtol=1e-2, atol=2e-2), (bits, got, want)
+
+
 @pytest.mark.parametrize("shape", TINY, ids=lambda s: "n{1}k{2}b{3}g{4}s{5}sg{6}".format(*s))
 @pytest.mark.parametrize("permute", [True, False])
 def test_repack_unpack_is_bit_exact_and_does_not_grow(shape: tuple, permute: bool) -> None:
@@ -110,7 +177,17 @@ def test_repack_unpack_is_bit_exact_and_does_not_grow(shape: tuple, permute: boo
     assert kt.storage_bytes() == t.storage_bytes() + padding and padding <= (bits - 1) * n * 4
     assert kt.average_bits() == t.average_bits()
     # the layout really changed (a plain copy would pass the round trip too): rows are contiguous
-    assert tuple(kt.qweight.shape) == (-(-k // 32) * bits, n) and torch.equal(kt.qweight[0], t.qweight[:, 0])
+    assert tuple(kt.qweight.shape) == (-(-k // 32) * bits, n)
+    if bits not in PAIRED_BITS:
+        assert torch.equal(kt.qweight[0], t.qweight[:, 0])
+    else:  # and each code sits where paired_position says
+        words = kt.qweight.t().reshape(n, -1, bits).to(torch.int64) & 0xFFFFFFFF  # [n, unit, word]
+        codes = unpack_codes(t.qweight, bits, k)
+        for j in (0, 1, 9, 17, 29, 30, 31):
+            got = sum(((words[:, :, w] >> pos) & 1) << b for b, (w, pos) in enumerate(
+                paired_position(j, b) for b in range(bits)))
+            want = torch.nn.functional.pad(codes, (0, words.shape[1] * 32 - k)).reshape(n, -1, 32)[:, :, j]
+            assert torch.equal(got, want.to(torch.int64)), j
 
 
 def test_repacked_kernel_matches_stored_kernel_bit_for_bit() -> None:
@@ -191,7 +268,10 @@ GPU_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
 @pytest.mark.parametrize("m", [1, 16, 64])
 def test_real_shapes_on_gpu(shape: tuple, m: int) -> None:
     n, k = shape
-    for bits, sb, dtype in ((3, 3, torch.bfloat16), (4, 16, torch.float16)):
+    formats = [(3, 3, torch.bfloat16), (4, 16, torch.float16)]
+    if m == 1:  # the fp16x2 GEMV on every bit width it takes, and the fp32 GEMV on 3 bits
+        formats += [(4, 3, torch.bfloat16), (2, 3, torch.bfloat16), (3, 3, torch.float16)]
+    for bits, sb, dtype in formats:
         t = random_spqr_tensors(n, k, bits, 16, sb, 16, outlier_density=0.01, seed=n + k + m, device="cuda")
         x = torch.randn(m, k, device="cuda").to(dtype)
         assert_close_to_reference(run_kernel(x, repack(t)), x, t)

@@ -1,0 +1,158 @@
+"""The PTX of the fp16x2 GEMV's inner loop (:mod:`.triton_gemv16`): one 32-code unit of one row.
+
+A unit of ``bits``-bit codes (2, 3 or 4) is ``bits`` words; in the kernel layout (:mod:`.repack`)
+every word holds *pairs*: code ``a`` at bits ``[s, s + bits)`` and its partner ``b`` (same group of
+16) at ``[16 + s, 16 + s + bits)``. One LOP3 with the fp16 exponent of 1024 (0x6400) turns a pair
+into the fp16x2 ``(1024 + q_a * 2**s, 1024 + q_b * 2**s)`` (exact while ``s + bits <= 10``; fields
+higher up are first shifted down once per word), one ``fma.rn.f16x2`` by ``(2**-s, -(1024 / 2**s
++ 2**(bits-1)))`` makes it the exact centred pair ``q - 2**(bits-1)`` and a second one accumulates
+``(q - 2**(bits-1)) * x``. Each group of 16 codes is two chains of 8 fp16 FMAs (the two halves),
+added in fp32 at the end: 3 instructions per two weights instead of 3 per weight in fp32.
+
+Precision: the codes are centred (|q - 2**(bits-1)| <= 2**(bits-1)) and the activations come in
+as fp16, scaled by a power of two (bf16 activations: 2**-8, so sums cannot overflow); a chain of 8
+fp16 FMAs adds ~0.2x the error of rounding W to bf16 (``scripts``-free numpy model in the test).
+
+:func:`pair_layout` is the pair table both the PTX and the Triton emulation (interpreter) follow.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+MAGIC = 0x6400  # fp16 1024.0: a field in mantissa bits [0, 10) reads 1024 + field
+LUT_AND_OR = 0xEA  # lop3: (a & b) | c
+
+
+def _pairs_per_word(bits: int) -> int:
+    return 5 if bits == 3 else 16 // bits
+
+
+def _direct_slots(bits: int) -> int:
+    """Pair slots of a word usable without a shift (field inside the fp16 mantissa: s + bits <= 10)."""
+    return (10 - bits) // bits + 1
+
+
+def pair_layout(bits: int) -> list[tuple[int, int, int, int]]:
+    """For pairs p = 0..15: (code a, code b, word, field offset s in the low half); b = a's partner.
+
+    Pairs 0..7 hold codes of the unit's first group of 16, pairs 8..15 of the second. 3-bit pair 15
+    (codes 30, 31) is the exception: one bit per word at bit 15 / 31; its word and offset are -1.
+    """
+    out = []
+    pw = _pairs_per_word(bits)
+    for p in range(16):
+        if bits == 3:
+            out.append((2 * p, 2 * p + 1, p // 5, 3 * (p % 5)) if p < 15 else (30, 31, -1, -1))
+        else:
+            a = (p // pw) * 2 * pw + p % pw
+            out.append((a, a + pw, p // pw, bits * (p % pw)))
+    return out
+
+
+def _f16x2(value: float) -> int:
+    h = int(np.float16(value).view(np.uint16))
+    return h | (h << 16)
+
+
+@functools.cache
+def dot_asm(bits: int) -> tuple[str, str]:
+    """(PTX, constraints) of ``inline_asm_elementwise`` for one (row, unit).
+
+    Operands: $0, $1 the fp32 bits of the group sums (pairs 0..7, 8..15); $2..$5 the unit's words
+    (unused ones repeat $2); $6..$21 the activation pairs (fp16x2, in pair order).
+    """
+    if bits not in (2, 3, 4):
+        raise ValueError(f"the fp16x2 GEMV takes 2-, 3- or 4-bit codes, not {bits}")
+    off = 1 << (bits - 1)
+    shift = bits * _direct_slots(bits)  # the first field that needs a shift
+    lines = ["{", ".reg .b32 q, t, a0, a1, mg, m, sc, bi, h0, h1, h2, h3;", ".reg .b16 lo, hi;",
+             ".reg .f32 f0, f1;", f"mov.b32 mg, {MAGIC | MAGIC << 16:#x};"]
+    words = [f"${2 + w}" for w in range(4)]
+    for w in range(bits):
+        lines.append(f"shr.u32 h{w}, {words[w]}, {shift};")
+    for p, (_, _, w, s) in enumerate(pair_layout(bits)):
+        acc = f"a{p // 8}"
+        if w < 0:  # 3-bit pair 15: bit b of each code from word b, bit 15 / 31
+            lines += ["shr.u32 t, $2, 15;", "mov.b32 m, 0x00010001;", "lop3.b32 q, t, m, mg, 0xEA;",
+                      "shr.u32 t, $3, 14;", "mov.b32 m, 0x00020002;", "lop3.b32 q, t, m, q, 0xEA;",
+                      "shr.u32 t, $4, 13;", "mov.b32 m, 0x00040004;", "lop3.b32 q, t, m, q, 0xEA;"]
+            s = 0
+        else:
+            src = words[w]
+            if s + bits > 10:
+                src, s = f"h{w}", s - shift
+            field = ((1 << bits) - 1) << s
+            lines += [f"mov.b32 m, {field | field << 16:#x};", f"lop3.b32 q, {src}, m, mg, {LUT_AND_OR:#x};"]
+        lines += [f"mov.b32 bi, {_f16x2(-(1024 / 2**s + off)):#x};"]
+        if s == 0:
+            lines.append("add.rn.f16x2 q, q, bi;")
+        else:
+            lines += [f"mov.b32 sc, {_f16x2(2.0**-s):#x};", "fma.rn.f16x2 q, q, sc, bi;"]
+        if p % 8 == 0:  # a group's first pair starts its chains
+            lines.append(f"mul.rn.f16x2 {acc}, q, ${6 + p};")
+        else:
+            lines.append(f"fma.rn.f16x2 {acc}, q, ${6 + p}, {acc};")
+    for g in range(2):
+        lines += [f"mov.b32 {{lo, hi}}, a{g};", "cvt.f32.f16 f0, lo;", "cvt.f32.f16 f1, hi;", "add.f32 f0, f0, f1;",
+                  f"mov.b32 ${g}, f0;"]
+    lines.append("}")
+    return "\n".join(lines), ",".join(["=r", "=r"] + ["r"] * 20)
+
+
+def emulate(asm: str, operands: list[int]) -> list[float]:
+    """Run the PTX of :func:`dot_asm` on scalar operands with numpy (tests): -> [$0, $1] as floats.
+
+    Knows the handful of instructions the generator emits; fp16x2 math rounds like the hardware
+    (the fused multiply-add is exact in float64, then rounded once to fp16).
+    """
+    regs: dict[str, int] = {f"${i}": v & 0xFFFFFFFF for i, v in enumerate(operands)}
+
+    def val(tok: str) -> int:
+        tok = tok.strip()
+        return regs[tok] if tok in regs else int(tok, 0)
+
+    def halves(v: int) -> tuple[np.float16, np.float16]:
+        return np.uint16(v & 0xFFFF).view(np.float16), np.uint16(v >> 16).view(np.float16)
+
+    def pack(lo: float, hi: float) -> int:
+        return int(np.float16(lo).view(np.uint16)) | int(np.float16(hi).view(np.uint16)) << 16
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        if op == "mov.b32" and rest.startswith("{"):
+            continue  # unpacking for the cvt below: handled there
+        args = [a.strip() for a in rest.split(",")]
+        d = args[0]
+        if op == "mov.b32" and args[1].startswith("f"):
+            continue  # the fp32 results: read from the accumulators below
+        if op == "mov.b32":
+            regs[d] = val(args[1])
+        elif op == "shr.u32":
+            regs[d] = val(args[1]) >> val(args[2])
+        elif op == "lop3.b32":
+            regs[d] = (val(args[1]) & val(args[2])) | val(args[3])
+        elif op in ("add.rn.f16x2", "mul.rn.f16x2", "fma.rn.f16x2"):
+            a, b = halves(val(args[1])), halves(val(args[2]))
+            if op == "add.rn.f16x2":
+                regs[d] = pack(float(a[0]) + float(b[0]), float(a[1]) + float(b[1]))
+            elif op == "mul.rn.f16x2":
+                regs[d] = pack(float(a[0]) * float(b[0]), float(a[1]) * float(b[1]))
+            else:
+                c = halves(val(args[3]))
+                regs[d] = pack(float(a[0]) * float(b[0]) + float(c[0]), float(a[1]) * float(b[1]) + float(c[1]))
+        elif op not in ("cvt.f32.f16", "add.f32"):
+            raise ValueError(f"emulate: unknown instruction {op}")
+    out = []
+    for g in range(2):
+        lo, hi = halves(regs[f"a{g}"])
+        out.append(float(np.float32(lo) + np.float32(hi)))
+    return out
+
+
+__all__ = ["dot_asm", "emulate", "pair_layout"]

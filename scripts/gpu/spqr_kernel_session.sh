@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One GPU call for the spqr kernels: the GPU kernel tests and the matmul benchmark side by side (the
+# tests mostly compile), then optionally the decode benchmark; logs and tables land in $OUT.
+#   run(command="bash scripts/gpu/spqr_kernel_session.sh 280 tests sweep")
+# Jobs: tests (GPU kernel tests of tests/kernels), sweep (bench_spqr_matmul --sweep at M=1, 2/3/4-bit),
+#       table (the full bench_spqr_matmul table, heuristic configs), decode (bench_spqr_decode, compiled)
+limit=${1:-280}
+shift
+jobs=" ${*:-tests sweep} "
+want() { [[ "$jobs" == *" $1 "* ]]; }
+source scripts/gpu/remote_env.sh >/dev/null 2>&1
+export TRITON_CACHE_DIR=/tmp/triton-cache
+out=${OUT:-/tmp/out}; mkdir -p "$out"
+start=$(date +%s)
+left() { echo $(( limit - ($(date +%s) - start) )); }
+pids=()
+if want tests; then
+    timeout $(( $(left) - 20 )) python3 -m pytest -q -m gpu tests/kernels/test_spqr_kernels.py tests/kernels/test_rtn_matmul.py \
+        -p no:cacheprovider > "$out/pytest_gpu.txt" 2>&1 &
+    pids+=($!)
+    timeout $(( $(left) - 20 )) python3 -m pytest -q tests/kernels/test_spqr_kernels.py -k "fp16x2 or pair_asm" \
+        -p no:cacheprovider > "$out/pytest_tiny.txt" 2>&1 &
+    pids+=($!)
+fi
+if want sweep; then
+    (cd scripts && timeout $(( $(left) - 15 )) python3 bench_spqr_matmul.py --sweep --sweep-m1-only --m 1 \
+        --formats "3:3:1;4:3:1;2:3:1" --workers 12 --eager-calls 50 --rotate-mb 300) > "$out/sweep.txt" 2>&1
+fi
+if want table; then
+    (cd scripts && timeout $(( $(left) - 15 )) python3 bench_spqr_matmul.py --eager-calls 50 --rotate-mb 300 \
+        ${TABLE_ARGS:-}) > "$out/table.txt" 2>&1
+fi
+for p in "${pids[@]}"; do wait "$p"; done
+if want decode; then
+    timeout $(( $(left) - 5 )) python3 scripts/bench_spqr_decode.py --new-tokens 32 --modes compiled ${DECODE_ARGS:-} \
+        > "$out/decode.txt" 2>&1
+fi
+tail -3 "$out"/pytest_*.txt 2>/dev/null
+grep -h "^| " "$out/sweep.txt" "$out/table.txt" 2>/dev/null | head -80
+tail -8 "$out/decode.txt" 2>/dev/null
+echo "elapsed $(( $(date +%s) - start )) s"
