@@ -42,7 +42,8 @@ class KernelConfig:
     num_stages: int = 2
     host_perm: bool = False
     rows: int = 4  # gemv16: neighbouring rows per thread (R)
-    prefetch: bool = True  # gemv16: load step i + 1 before the math of step i
+    prefetch: int = 1  # gemv16: load step i + prefetch (0: i) before the math of step i
+    outliers_first: bool = False  # gemv16: the outliers before the K loop instead of after it
 
 
 @functools.lru_cache(maxsize=8)
@@ -74,16 +75,17 @@ def pick_config(m: int, t: SpqrTensors | SpqrKernelTensors, device: torch.device
 
     From ``scripts/bench_spqr_matmul.py --sweep`` on the H200 (2026-11-29; 3-bit codes and
     statistics, 16/16 groups; 4096x4096, 14336x4096, 4096x14336): the fp16x2 GEMV (bf16 activations,
-    2-4 bits, groups of 16) 256 rows x 2 units on 4 warps, K split to ~3 programs per SM (fewer,
-    longer programs amortise the activation prologue, the outliers and the split-K reduction;
-    splits of 2x that were 5-25% slower); the fp32 GEMV (the other formats and dtypes) as many small
+    2-4 bits, groups of 16) 256 rows x 2 units on 4 warps, loads two steps ahead, K split to ~3
+    programs per SM (fewer, longer programs amortise the activation prologue, the outliers and the
+    split-K reduction: splits of 2x that were 5-25% slower); the fp32 GEMV (other formats and
+    activation dtypes) as many small
     programs (128 rows x 2 units on 2 warps, K split to ~8 programs per SM: latency, not issue,
     bounds it; 4 warps x 4 units were 10-30% slower, 8 warps 2x); the tensor-core kernel 128 rows x
     2 units on 4 warps, 3 stages, split to ~4 programs per SM, for M = 16 and 64 (within ~20% of the
     best candidate of every case; the splits between the measured ones are interpolated).
     """
     if m <= GEMV_MAX_M and gemv16_unsupported_reason(dtype, t) is None:
-        return with_split(KernelConfig("gemv16", 1, 256, 2, num_warps=4, num_stages=1), m, t, device)
+        return with_split(KernelConfig("gemv16", 1, 256, 2, num_warps=4, num_stages=1, prefetch=2), m, t, device)
     if m <= GEMV_MAX_M:
         return with_split(KernelConfig("gemv", 1, 128, 2, num_warps=2, num_stages=2), m, t, device)
     bm = min(64, max(16, triton.next_power_of_2(m)))
@@ -217,7 +219,8 @@ def spqr_matmul_triton(
         _spqr_gemv16_kernel[(m, n_blocks, split)](
             *args, t.scale_q.shape[0], xs, sx, R=cfg.rows, C=cfg.units, RO=_gemv16_slots(t, split),
             XS=GEMV16_XS[x.dtype], HAS_PERM=gather_in_kernel, PREFETCH=cfg.prefetch, DOT_ASM=asm, DOT_CONS=cons,
-            CP=min(32, triton.next_power_of_2(steps_per_split * cfg.units)), **meta)
+            CP=min(32, triton.next_power_of_2(steps_per_split * cfg.units)), SPLIT_P2=triton.next_power_of_2(split),
+            OUT_FIRST=cfg.outliers_first, **meta)
     elif mma:
         _spqr_mma_kernel[(n_blocks, split, m_blocks)](*args, BM=cfg.block_m, **meta)
     else:

@@ -14,8 +14,8 @@ The activations of the program's share of K (gathered through ``perm``, scaled b
 fp16, packed in pairs, with their group sums) are written once per program to a small global
 scratch ([M, n_units, 16] words, programs of one K split write the same bytes) in a prologue and
 read back from L1 by every thread in the layout it needs (a layout conversion in the loop cost a
-dozen barriers per step). With PREFETCH the loads of step i+1 (codes and statistics) are issued
-before the math of step i (register double buffering), so the HBM latency hides behind the decoding.
+dozen barriers per step). With PREFETCH = d the loads of step i + d (codes and statistics) are
+issued before the math of step i (register buffering), so the HBM latency hides behind the decoding.
 
 Under ``TRITON_INTERPRET`` the PTX block is replaced by the same math in Triton ops (fp32, on the
 fp16-rounded activations), so the CPU tests check the indexing and the statistics.
@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from effllm_kernels.splitk import finish
+from effllm_kernels.splitk import store_y
 from effllm_kernels.spqr.triton_kernels import _outlier_rows
 
 _VARYING = ["M", "units_per_split", "split"]
@@ -242,6 +242,16 @@ def _load_quantized_stats(sq_ptr, zq_ptr, sst_ptr, zst_ptr, units, m0, m1, umask
 
 
 @triton.jit
+def _step_loads(qw_ptr, sq_ptr, zq_ptr, sst_ptr, zst_ptr, units, umask, rows, rmask, blk, N, G, NBLK, NSW,
+                BITS: tl.constexpr, STAT_BITS: tl.constexpr):
+    """Everything a step loads from HBM: the words (4) and the raw statistics (12) of units [C]."""
+    w0, w1, w2, w3 = _load_words(qw_ptr, units, umask, rows, rmask, N, BITS)
+    r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11 = _load_stats(
+        sq_ptr, zq_ptr, sst_ptr, zst_ptr, units, umask, rows, rmask, blk, N, G, NBLK, NSW, STAT_BITS)
+    return w0, w1, w2, w3, r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11
+
+
+@triton.jit
 def _window(lo, hi, units, STAT_BITS: tl.constexpr):
     """The two codes of a unit at bits [0, 2 SB) of a uint32 (a funnel shift of the word pair)."""
     sh = ((units * (2 * STAT_BITS)) & 31).to(tl.uint32)[:, None, None]
@@ -288,6 +298,27 @@ def _decode_stats(s_lo, s_hi, z_lo, z_hi, ss0, sz0, ss1, sz1, zs0, zz0, zs1, zz1
     return s0, zc0, s1, zc1
 
 
+@triton.jit
+def _finish_wide(out, y_ptr, ws_ptr, cnt_ptr, b_ptr, offs, ws_stride, pid_k, split, tile, rn, mask,
+                 USE_WS: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr, SPLIT_P2: tl.constexpr):
+    """:func:`effllm_kernels.splitk.finish` (split K in one launch: partials, an arrival counter, the
+    last program reduces), with the reduction as one [SPLIT_P2, BN] load: all partials in flight at
+    once instead of a loop of dependent L2 round trips at the tail of the launch. The sum is a fixed
+    tree over the split index, so the result does not depend on the arrival order."""
+    if USE_WS:
+        tl.store(ws_ptr + offs + pid_k * ws_stride, out, mask=mask)
+        tl.debug_barrier()  # every thread's partial is issued before the (release) arrival
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == split - 1:
+            ss = tl.arange(0, SPLIT_P2)
+            parts = tl.load(ws_ptr + offs[None, :] + ss[:, None] * ws_stride, mask=(ss < split)[:, None] & mask[None, :],
+                            other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+            store_y(tl.sum(parts, axis=0), y_ptr, b_ptr, offs, rn, mask, HAS_BIAS, INTERPRET)
+    else:
+        store_y(out, y_ptr, b_ptr, offs, rn, mask, HAS_BIAS, INTERPRET)
+
+
 @triton.jit(do_not_specialize=_VARYING)
 def _spqr_gemv16_kernel(
     x_ptr, perm_ptr, qw_ptr, sq_ptr, zq_ptr, sst_ptr, zst_ptr, rp_ptr, oc_ptr, ov_ptr, b_ptr, y_ptr,
@@ -297,7 +328,7 @@ def _spqr_gemv16_kernel(
     BN: tl.constexpr, R: tl.constexpr, C: tl.constexpr, RO: tl.constexpr, XS: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr,
     PREFETCH: tl.constexpr, INTERPRET: tl.constexpr, DOT_ASM: tl.constexpr, DOT_CONS: tl.constexpr,
-    CP: tl.constexpr,
+    CP: tl.constexpr, SPLIT_P2: tl.constexpr, OUT_FIRST: tl.constexpr,
 ):
     """One program: rows [BN] for activation row ``m`` over units [units_per_split] of K."""
     T: tl.constexpr = BN // R
@@ -316,28 +347,38 @@ def _spqr_gemv16_kernel(
     row0 = m * n_units
     units = u_begin + rc
     umask = units < u_end
-    if PREFETCH:  # the first step's loads first: their latency overlaps the activation prologue
-        w0, w1, w2, w3 = _load_words(qw_ptr, units, umask, rows, rmask, N, BITS)
-        r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11 = _load_stats(
-            sq_ptr, zq_ptr, sst_ptr, zst_ptr, units, umask, rows, rmask, blk, N, G, NBLK, NSW, STAT_BITS)
+    # PREFETCH = d: the loads of step i + d (codes and statistics) go out before the math of step i
+    # (register buffers a: step i + 1, b: step i + 2); the first ones before the activation prologue
+    if PREFETCH >= 1:
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15 = _step_loads(
+            qw_ptr, sq_ptr, zq_ptr, sst_ptr, zst_ptr, units, umask, rows, rmask, blk, N, G, NBLK, NSW, BITS, STAT_BITS)
+    if PREFETCH >= 2:
+        b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15 = _step_loads(
+            qw_ptr, sq_ptr, zq_ptr, sst_ptr, zst_ptr, units + C, units + C < u_end, rows, rmask, blk, N, G, NBLK, NSW, BITS, STAT_BITS)
+    rn = pid_n * BN + tl.arange(0, BN)
+    n_mask = rn < N
+    if HAS_OUTLIERS and OUT_FIRST:  # their dependent loads overlap the first steps' loads in flight
+        outl = _outlier_rows(x_row, perm_ptr, rp_ptr, oc_ptr, ov_ptr, rn, N, pid_k, split, RO, HAS_PERM)
     _x_to_scratch(x_row, perm_ptr, xs_ptr, sx_ptr, row0, u_begin, u_end, K, XS, BITS, HAS_PERM, CP)
     for u0 in range(u_begin, u_end, C):
         units = u0 + rc
         umask = units < u_end
-        if PREFETCH:  # step i + 1's loads go out before step i's math (register double buffering)
-            c0, c1, c2, c3 = w0, w1, w2, w3
-            q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11 = r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11
+        if PREFETCH >= 1:
+            c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15 = a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15
+        if PREFETCH == 1:
             nu = units + C
-            nmask = nu < u_end
-            w0, w1, w2, w3 = _load_words(qw_ptr, nu, nmask, rows, rmask, N, BITS)
-            r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11 = _load_stats(
-                sq_ptr, zq_ptr, sst_ptr, zst_ptr, nu, nmask, rows, rmask, blk, N, G, NBLK, NSW, STAT_BITS)
+            a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15 = _step_loads(
+                qw_ptr, sq_ptr, zq_ptr, sst_ptr, zst_ptr, nu, nu < u_end, rows, rmask, blk, N, G, NBLK, NSW, BITS, STAT_BITS)
+        elif PREFETCH == 2:
+            a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15 = b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15
+            nu = units + 2 * C
+            b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15 = _step_loads(
+                qw_ptr, sq_ptr, zq_ptr, sst_ptr, zst_ptr, nu, nu < u_end, rows, rmask, blk, N, G, NBLK, NSW, BITS, STAT_BITS)
         else:
-            c0, c1, c2, c3 = _load_words(qw_ptr, units, umask, rows, rmask, N, BITS)
-            q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11 = _load_stats(
-                sq_ptr, zq_ptr, sst_ptr, zst_ptr, units, umask, rows, rmask, blk, N, G, NBLK, NSW, STAT_BITS)
+            c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15 = _step_loads(
+                qw_ptr, sq_ptr, zq_ptr, sst_ptr, zst_ptr, units, umask, rows, rmask, blk, N, G, NBLK, NSW, BITS, STAT_BITS)
         x, sx0, sx1 = _x_pairs(xs_ptr, sx_ptr, row0, units, umask)
-        s0, zc0, s1, zc1 = _decode_stats(q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11, units, one,
+        s0, zc0, s1, zc1 = _decode_stats(c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, units, one,
                                          BITS, STAT_BITS)
         if INTERPRET:
             p0, p1 = _emulated_sums(c0, c1, c2, c3, x, BITS)
@@ -346,9 +387,9 @@ def _spqr_gemv16_kernel(
         acc += s0 * (p0 - zc0 * sx0[:, None, None])  # two FMA chains, no separate add
         acc += s1 * (p1 - zc1 * sx1[:, None, None])
     out = tl.reshape(tl.sum(acc, axis=0), [BN]) * (1.0 / XS)
-    rn = pid_n * BN + tl.arange(0, BN)
-    n_mask = rn < N
-    if HAS_OUTLIERS:
+    if HAS_OUTLIERS and OUT_FIRST:
+        out += outl
+    elif HAS_OUTLIERS:
         out += _outlier_rows(x_row, perm_ptr, rp_ptr, oc_ptr, ov_ptr, rn, N, pid_k, split, RO, HAS_PERM)
-    finish(out, y_ptr, ws_ptr, cnt_ptr, b_ptr, m * N + rn, m * N + rn, M * N, pid_k, split,
-           m * tl.num_programs(1) + pid_n, rn, n_mask, USE_WS, True, HAS_BIAS, INTERPRET)
+    _finish_wide(out, y_ptr, ws_ptr, cnt_ptr, b_ptr, m * N + rn, M * N, pid_k, split,
+                 m * tl.num_programs(1) + pid_n, rn, n_mask, USE_WS, HAS_BIAS, INTERPRET, SPLIT_P2)

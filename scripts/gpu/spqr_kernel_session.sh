@@ -2,8 +2,10 @@
 # One GPU call for the spqr kernels: the GPU kernel tests and the matmul benchmark side by side (the
 # tests mostly compile), then optionally the decode benchmark; logs and tables land in $OUT.
 #   run(command="bash scripts/gpu/spqr_kernel_session.sh 280 tests sweep")
-# Jobs: tests (GPU kernel tests of tests/kernels), sweep (bench_spqr_matmul --sweep at M=1, 2/3/4-bit),
-#       table (the full bench_spqr_matmul table, heuristic configs), decode (bench_spqr_decode, compiled)
+# Jobs: tests (GPU kernel tests of tests/kernels), tiny (the fp16x2 GEMV's small-shape tests on CUDA),
+#       sweep (bench_spqr_matmul --sweep at M=1, 2/3/4-bit), final (--sweep at M=1 for 3 bits, the
+#       3-bit M=16/64 and 4-bit M=1 rows by the heuristic), table (the full table, heuristic configs),
+#       decode (bench_spqr_decode, compiled, DECODE_ARGS)
 limit=${1:-280}
 shift
 jobs=" ${*:-tests sweep} "
@@ -22,6 +24,15 @@ if want tests; then
         -p no:cacheprovider > "$out/pytest_tiny.txt" 2>&1 &
     pids+=($!)
 fi
+if want tiny; then
+    timeout $(( $(left) - 20 )) python3 -m pytest -q tests/kernels/test_spqr_kernels.py -k "fp16x2 or pair_asm" \
+        -p no:cacheprovider > "$out/pytest_tiny.txt" 2>&1 &
+    pids+=($!)
+fi
+if want final; then
+    (cd scripts && timeout $(( $(left) - ${DECODE_S:-0} - 10 )) python3 bench_spqr_matmul.py --sweep --sweep-m1-only \
+        --formats "3:3:1,16,64;4:3:1" --workers 12 --eager-calls 30 --rotate-mb 300) > "$out/final.txt" 2>&1
+fi
 if want sweep; then
     (cd scripts && timeout $(( $(left) - 15 )) python3 bench_spqr_matmul.py --sweep --sweep-m1-only --m 1 \
         --formats "3:3:1;4:3:1;2:3:1" --workers 12 --eager-calls 50 --rotate-mb 300) > "$out/sweep.txt" 2>&1
@@ -36,6 +47,6 @@ if want decode; then
         > "$out/decode.txt" 2>&1
 fi
 tail -3 "$out"/pytest_*.txt 2>/dev/null
-grep -h "^| " "$out/sweep.txt" "$out/table.txt" 2>/dev/null | head -80
+grep -h "^| " "$out/sweep.txt" "$out/table.txt" "$out/final.txt" 2>/dev/null | grep -v "^| N x K" | sort -u | head -90
 tail -8 "$out/decode.txt" 2>/dev/null
 echo "elapsed $(( $(date +%s) - start )) s"
