@@ -72,9 +72,9 @@ def time_kernel(ts: list[SpqrKernelTensors], xs: list[torch.Tensor], config: Ker
 #: Candidates (block_n, units, num_warps, num_stages[, host_perm]) per path (GEMV) or activation tile (mma).
 GEMV_CANDIDATES = [(128, 2, 2, 2), (128, 2, 2, 3), (128, 2, 2, 4), (128, 1, 1, 2), (64, 2, 1, 2), (128, 4, 4, 2),
                    (256, 2, 4, 2)]
-#: fp16x2 GEMV candidates (block_n, units, num_warps, rows per thread, prefetch depth, outliers first).
-GEMV16_CANDIDATES = [(256, 2, 4, 4, 2, False), (256, 2, 4, 4, 1, False), (256, 2, 4, 4, 2, True),
-                     (128, 4, 4, 4, 2, False)]
+#: fp16x2 GEMV candidates (block_n, units, num_warps, rows per thread, prefetch depth, outliers first, unroll).
+GEMV16_CANDIDATES = [(256, 2, 4, 4, 2, False, 1), (256, 2, 4, 4, 1, False, 1), (256, 2, 4, 4, 2, True, 1),
+                     (128, 4, 4, 4, 2, False, 1), (256, 2, 4, 4, 1, False, 2)]
 MMA_CANDIDATES = [(128, 2, 4, 3), (128, 2, 4, 2), (256, 2, 8, 2), (128, 4, 4, 3), (64, 2, 4, 3), (256, 2, 8, 3)]
 
 
@@ -83,8 +83,8 @@ def sweep_configs(m: int, t: SpqrTensors | SpqrKernelTensors) -> list[KernelConf
     dev = torch.device("cuda")
     out = [pick_config(m, t, dev)]
     if m == 1 and gemv16_unsupported_reason(torch.bfloat16, t) is None:
-        bases = [KernelConfig("gemv16", 1, bn, c, 1, nw, 1, rows=r, prefetch=pf, outliers_first=of)
-                 for bn, c, nw, r, pf, of in GEMV16_CANDIDATES]
+        bases = [KernelConfig("gemv16", 1, bn, c, 1, nw, 1, rows=r, prefetch=pf, outliers_first=of, unroll=un)
+                 for bn, c, nw, r, pf, of, un in GEMV16_CANDIDATES]
     elif m == 1:
         bases = [KernelConfig("gemv", 1, bn, c, 1, nw, st, *hp) for bn, c, nw, st, *hp in GEMV_CANDIDATES]
     else:
@@ -116,6 +116,7 @@ def describe(c: KernelConfig) -> str:
     tag = f"{c.path} BM{c.block_m} BN{c.block_n} C{c.units} split{c.split_k} w{c.num_warps} s{c.num_stages}"
     if c.path == "gemv16":
         tag += f" R{c.rows} prefetch{c.prefetch}" + (" outliers-first" if c.outliers_first else "")
+        tag += f" unroll{c.unroll}" if c.unroll > 1 else ""
     return tag + (" host-perm" if c.host_perm else "")
 
 

@@ -44,6 +44,7 @@ class KernelConfig:
     rows: int = 4  # gemv16: neighbouring rows per thread (R)
     prefetch: int = 1  # gemv16: load step i + prefetch (0: i) before the math of step i
     outliers_first: bool = False  # gemv16: the outliers before the K loop instead of after it
+    unroll: int = 1  # gemv16: K-loop unroll factor
 
 
 @functools.lru_cache(maxsize=8)
@@ -220,7 +221,7 @@ def spqr_matmul_triton(
             *args, t.scale_q.shape[0], xs, sx, R=cfg.rows, C=cfg.units, RO=_gemv16_slots(t, split),
             XS=GEMV16_XS[x.dtype], HAS_PERM=gather_in_kernel, PREFETCH=cfg.prefetch, DOT_ASM=asm, DOT_CONS=cons,
             CP=min(32, triton.next_power_of_2(steps_per_split * cfg.units)), SPLIT_P2=triton.next_power_of_2(split),
-            OUT_FIRST=cfg.outliers_first, **meta)
+            OUT_FIRST=cfg.outliers_first, UNROLL=cfg.unroll, **meta)
     elif mma:
         _spqr_mma_kernel[(n_blocks, split, m_blocks)](*args, BM=cfg.block_m, **meta)
     else:

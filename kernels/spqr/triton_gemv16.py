@@ -328,7 +328,7 @@ def _spqr_gemv16_kernel(
     BN: tl.constexpr, R: tl.constexpr, C: tl.constexpr, RO: tl.constexpr, XS: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr,
     PREFETCH: tl.constexpr, INTERPRET: tl.constexpr, DOT_ASM: tl.constexpr, DOT_CONS: tl.constexpr,
-    CP: tl.constexpr, SPLIT_P2: tl.constexpr, OUT_FIRST: tl.constexpr,
+    CP: tl.constexpr, SPLIT_P2: tl.constexpr, OUT_FIRST: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """One program: rows [BN] for activation row ``m`` over units [units_per_split] of K."""
     T: tl.constexpr = BN // R
@@ -360,7 +360,7 @@ def _spqr_gemv16_kernel(
     if HAS_OUTLIERS and OUT_FIRST:  # their dependent loads overlap the first steps' loads in flight
         outl = _outlier_rows(x_row, perm_ptr, rp_ptr, oc_ptr, ov_ptr, rn, N, pid_k, split, RO, HAS_PERM)
     _x_to_scratch(x_row, perm_ptr, xs_ptr, sx_ptr, row0, u_begin, u_end, K, XS, BITS, HAS_PERM, CP)
-    for u0 in range(u_begin, u_end, C):
+    for u0 in tl.range(u_begin, u_end, C, loop_unroll_factor=UNROLL):
         units = u0 + rc
         umask = units < u_end
         if PREFETCH >= 1:

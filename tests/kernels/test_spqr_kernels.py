@@ -95,7 +95,7 @@ def test_kernel_matches_reference_tiny(shape: tuple, config_index: int) -> None:
 # The fp16x2 GEMV (2-4 bits, groups of 16, bf16 activations): (m, n, k, bits, stat_bits, stat_group,
 # permute, outlier density, config): every bit width, quantized and fp16 statistics, blocks of 8 and
 # 16 rows, a ragged K (a padded last unit, an odd number of groups), N not a multiple of the tile,
-# K split, prefetch 0, 1 and 2 steps ahead, outliers before the K loop, the permutation gathered in the kernel and on the host, no outliers.
+# K split, prefetch 0, 1 and 2 steps ahead, outliers before the K loop, an unrolled K loop, the permutation gathered in the kernel and on the host, no outliers.
 def _gemv16_cases() -> list:
     from effllm_kernels.spqr.launch import KernelConfig
 
@@ -104,7 +104,7 @@ def _gemv16_cases() -> list:
         (2, 40, 100, 2, 3, 16, False, 0.0, KernelConfig("gemv16", 1, 32, 1, 3, 2, 1, prefetch=0)),
         (1, 24, 200, 4, 16, 16, True, 0.03, KernelConfig("gemv16", 1, 16, 2, 2, 1, 1, host_perm=True, prefetch=2)),
         (3, 36, 544, 3, 4, 8, True, 0.02, KernelConfig("gemv16", 1, 32, 2, 2, 2, 1, outliers_first=True)),
-        (1, 64, 1056, 3, 3, 16, True, 0.01, KernelConfig("gemv16", 1, 64, 4, 3, 2, 1, prefetch=2)),
+        (1, 64, 1056, 3, 3, 16, True, 0.01, KernelConfig("gemv16", 1, 64, 4, 3, 2, 1, prefetch=2, unroll=2)),
         (1, 20, 64, 4, 2, 16, False, 0.05, KernelConfig("gemv16", 1, 16, 1, 1, 1, 1, prefetch=0)),
     ]
 
