@@ -13,6 +13,7 @@ from effllm_kernels.splitk import SCRATCH, output_buffer
 from effllm_kernels.spqr import kernel_unsupported_reason
 from effllm_kernels.spqr.layout import STAT_FP16, SpqrTensors
 from effllm_kernels.spqr.repack import SpqrKernelTensors, repack
+from effllm_kernels.spqr.scratch import x_scratch
 
 #: Largest M served by the GEMV kernel (one pass per activation row); above it the tensor-core kernel.
 #: H200 (2026-11-29): GEMV 15-30 us at M = 1, tensor cores 31-85 us at M = 16 on the Llama shapes,
@@ -75,18 +76,19 @@ def pick_config(m: int, t: SpqrTensors | SpqrKernelTensors, device: torch.device
     """Heuristic launch configuration for an [m, K] input.
 
     From ``scripts/bench_spqr_matmul.py --sweep`` on the H200 (2026-11-29; 3-bit codes and
-    statistics, 16/16 groups; 4096x4096, 14336x4096, 4096x14336): the fp16x2 GEMV (bf16 activations,
-    2-4 bits, groups of 16) 256 rows x 2 units on 4 warps, loads two steps ahead, K split to ~3
-    programs per SM (fewer, longer programs amortise the activation prologue, the outliers and the
-    split-K reduction: splits of 2x that were 5-25% slower); the fp32 GEMV (other formats and
-    activation dtypes) as many small
-    programs (128 rows x 2 units on 2 warps, K split to ~8 programs per SM: latency, not issue,
-    bounds it; 4 warps x 4 units were 10-30% slower, 8 warps 2x); the tensor-core kernel 128 rows x
-    2 units on 4 warps, 3 stages, split to ~4 programs per SM, for M = 16 and 64 (within ~20% of the
-    best candidate of every case; the splits between the measured ones are interpolated).
+    statistics, 16/16 groups; 4096x4096, 14336x4096, 4096x14336). The fp16x2 GEMV (bf16 activations,
+    2-4 bits, groups of 16): 256 rows x 2 units on 4 warps, loads two steps ahead, outliers before
+    the K loop, K split to ~3 programs per SM; the sweep's winners were within ~0.5 us of it or of
+    each other (4096x4096: 10.5 us at split 25; 14336x4096: 21.8 us at split 8, split 16 and 4
+    were 15-20% slower; two rounds, the second with the split-K reduction as one wide load). The
+    fp32 GEMV (other formats and activation dtypes): many small programs (128 rows x 2 units on 2
+    warps, K split to ~8 programs per SM). The tensor-core kernel: 128 rows x 2 units on 4 warps,
+    3 stages, split to ~4 programs per SM, for M = 16 and 64 (within ~20% of the best candidate of
+    every case; the splits between the measured ones are interpolated).
     """
     if m <= GEMV_MAX_M and gemv16_unsupported_reason(dtype, t) is None:
-        return with_split(KernelConfig("gemv16", 1, 256, 2, num_warps=4, num_stages=1, prefetch=2), m, t, device)
+        cfg = KernelConfig("gemv16", 1, 256, 2, num_warps=4, num_stages=1, prefetch=2, outliers_first=True)
+        return with_split(cfg, m, t, device)
     if m <= GEMV_MAX_M:
         return with_split(KernelConfig("gemv", 1, 128, 2, num_warps=2, num_stages=2), m, t, device)
     bm = min(64, max(16, triton.next_power_of_2(m)))
@@ -108,23 +110,6 @@ def gemv16_unsupported_reason(dtype: torch.dtype, t: SpqrTensors | SpqrKernelTen
     if t.stat_bits != STAT_FP16 and t.stat_group % rows:
         return f"statistics blocks of {t.stat_group} rows ({rows} rows per thread must share one)"
     return None
-
-
-_X_SCRATCH: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def x_scratch(device: torch.device, units: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fp16x2 GEMV's activation scratch: (int32 >= 16 * units, fp32 >= 2 * units) on ``device``.
-
-    Kept between calls and only grown (like the split-K scratch: calls of one device must not run
-    concurrently on two streams; the first call of a shape belongs outside CUDA-graph capture).
-    """
-    xs, sx = _X_SCRATCH.get(device, (None, None))
-    if xs is None or xs.numel() < 16 * units:
-        xs = torch.empty(max(16 * units, 1 << 16), dtype=torch.int32, device=device)
-        sx = torch.empty(max(2 * units, 1 << 13), dtype=torch.float32, device=device)
-        _X_SCRATCH[device] = (xs, sx)
-    return xs, sx
 
 
 def _gemv16_slots(t: SpqrTensors | SpqrKernelTensors, split: int) -> int:

@@ -23,6 +23,10 @@ to the padding of a ragged last unit, its size; each is an exact rearrangement o
 
 :func:`unpack` inverts :func:`repack` bit-exactly, so a module that holds the repacked tensors
 still saves the stored format.
+
+Building the kernel layout of ``qweight`` on CUDA also reserves the kernels' scratch buffers for
+the layer (:func:`effllm_kernels.spqr.scratch.reserve`): eagerly, at load time, never first inside a
+CUDA-graph warm-up.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 
 from effllm_kernels.packing import packed_words
 from effllm_kernels.spqr.layout import STAT_FP16, LayerFields, SpqrTensors
+from effllm_kernels.spqr.scratch import reserve
 
 
 @dataclass
@@ -138,6 +143,7 @@ def repack_field(name: str, value: torch.Tensor | None, meta: dict[str, int]) ->
     if value is None:
         return None
     if name == "qweight":
+        reserve(value.device, meta["in_features"], meta["out_features"])  # scratch: eager, at load time
         return repack_qweight(value, meta["in_features"], meta["bits"])
     if name in ("scale_q", "zero_q"):
         return value.t().contiguous()

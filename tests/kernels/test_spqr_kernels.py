@@ -295,6 +295,26 @@ def test_cuda_graph_replay_and_compile_on_gpu() -> None:
     assert torch.equal(out, spqr_linear(x, t)) and not torch.equal(out, y0)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_decode_step_without_eager_warmup_on_gpu() -> None:
+    """An M = 1 call first seen inside torch.compile's CUDA-graph warm-up (a compiled decode step) must
+    not allocate there (cudagraph trees reject tensors left in their pool): the repack reserved the
+    activation scratch and the split-K workspace at load time."""
+    from effllm_kernels import splitk
+    from effllm_kernels.spqr import scratch
+
+    scratch.clear()
+    splitk.SCRATCH.ws.clear()
+    splitk.SCRATCH.cnt.clear()
+    t = repack(random_spqr_tensors(14336, 4096, seed=13, device="cuda"))
+    x = torch.randn(1, 4096, device="cuda").bfloat16()
+    compiled = torch.compile(lambda a: spqr_linear(a, t), fullgraph=True, mode="reduce-overhead")
+    for _ in range(3):
+        out = compiled(x)
+    assert_close_to_reference(out.clone(), x, unpack(t))
+
+
 def test_module_repacks_in_place_and_still_saves_the_stored_format(monkeypatch: pytest.MonkeyPatch) -> None:
     """SpQRLinear's load-time repack: same buffer bytes (no second copy), a state dict bit-identical to
     the stored layer, the same outputs, and a stored state dict loads back into a repacked module."""
