@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import torch
-import triton
 
 from effllm_kernels.dispatch import interpreter_enabled
 from effllm_kernels.splitk import SCRATCH, output_buffer
@@ -46,6 +46,12 @@ class KernelConfig:
     prefetch: int = 1  # gemv16: load step i + prefetch (0: i) before the math of step i
     outliers_first: bool = False  # gemv16: the outliers before the K loop instead of after it
     unroll: int = 1  # gemv16: K-loop unroll factor
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (>= 1); plain Python: ``triton.next_power_of_2`` is a
+    constexpr function whose call wrapper costs microseconds per launch."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 @functools.lru_cache(maxsize=8)
@@ -91,7 +97,7 @@ def pick_config(m: int, t: SpqrTensors | SpqrKernelTensors, device: torch.device
         return with_split(cfg, m, t, device)
     if m <= GEMV_MAX_M:
         return with_split(KernelConfig("gemv", 1, 128, 2, num_warps=2, num_stages=2), m, t, device)
-    bm = min(64, max(16, triton.next_power_of_2(m)))
+    bm = min(64, max(16, _pow2(m)))
     return with_split(KernelConfig("mma", bm, 128, 2, num_warps=4, num_stages=3), m, t, device)
 
 
@@ -112,17 +118,24 @@ def gemv16_unsupported_reason(dtype: torch.dtype, t: SpqrTensors | SpqrKernelTen
     return None
 
 
+@functools.lru_cache(maxsize=4096)
+def _cached_config(m: int, meta: tuple, device: torch.device, dtype: torch.dtype) -> KernelConfig:
+    """:func:`pick_config` memoised per (M, the layer's integer fields, device, dtype): it reads nothing
+    else, and the host cost of an eager launch matters at batch 1."""
+    return pick_config(m, SimpleNamespace(**dict(meta)), device, dtype)  # type: ignore[arg-type]
+
+
 def _gemv16_slots(t: SpqrTensors | SpqrKernelTensors, split: int) -> int:
     """Outlier slots per row and step of the fp16x2 GEMV: ~1.5x a row's mean share per K split, so that
     most programs take one step of the outlier loop without loading many empty slots."""
     share = t.nnz / max(1, t.out_features) / split
-    return max(2, min(16, triton.next_power_of_2(int(1.5 * share) + 1)))
+    return max(2, min(16, _pow2(int(1.5 * share) + 1)))
 
 
 def _slots(cfg: KernelConfig) -> int:
     """R: outlier slots per row and step, so that the outlier tile holds a few elements per thread."""
     per_slot = cfg.block_n * (cfg.block_m if cfg.path == "mma" else 1)
-    return max(1, min(64, triton.next_power_of_2(-(-OUTLIER_ELEMS_PER_THREAD * 32 * cfg.num_warps // per_slot))))
+    return max(1, min(64, _pow2(-(-OUTLIER_ELEMS_PER_THREAD * 32 * cfg.num_warps // per_slot))))
 
 
 def spqr_matmul_triton(
@@ -152,7 +165,7 @@ def spqr_matmul_triton(
     y = output_buffer(out, m, n, x)
     if m == 0 or n == 0:
         return y.reshape(*x.shape[:-1], n)
-    cfg = config or pick_config(m, t, x.device, x.dtype)
+    cfg = config or _cached_config(m, tuple(t.meta().items()), x.device, x.dtype)
     mma = cfg.path == "mma"
     if cfg.path == "gemv16" and (reason := gemv16_unsupported_reason(x.dtype, t, cfg.rows)) is not None:
         raise ValueError(f"spqr fp16x2 GEMV: unsupported {reason}")
@@ -167,8 +180,8 @@ def spqr_matmul_triton(
     steps = -(-n_units // cfg.units)
     steps_per_split = -(-steps // cfg.split_k)
     split = -(-steps // steps_per_split)  # drop empty splits
-    n_blocks = triton.cdiv(n, cfg.block_n)
-    m_blocks = triton.cdiv(m, cfg.block_m) if mma else m
+    n_blocks = -(-n // cfg.block_n)
+    m_blocks = -(-m // cfg.block_m) if mma else m
     if split > 1:
         ws, cnt = SCRATCH.get(x.device, split * m * n, n_blocks * m_blocks)
     else:
@@ -205,7 +218,7 @@ def spqr_matmul_triton(
         _spqr_gemv16_kernel[(m, n_blocks, split)](
             *args, t.scale_q.shape[0], xs, sx, R=cfg.rows, C=cfg.units, RO=_gemv16_slots(t, split),
             XS=GEMV16_XS[x.dtype], HAS_PERM=gather_in_kernel, PREFETCH=cfg.prefetch, DOT_ASM=asm, DOT_CONS=cons,
-            CP=min(32, triton.next_power_of_2(steps_per_split * cfg.units)), SPLIT_P2=triton.next_power_of_2(split),
+            CP=min(32, _pow2(steps_per_split * cfg.units)), SPLIT_P2=_pow2(split),
             OUT_FIRST=cfg.outliers_first, UNROLL=cfg.unroll, **meta)
     elif mma:
         _spqr_mma_kernel[(n_blocks, split, m_blocks)](*args, BM=cfg.block_m, **meta)
