@@ -10,6 +10,8 @@ most twice the error of torch doing the same math in the activation dtype (fp32:
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -337,8 +339,9 @@ def test_module_repacks_in_place_and_still_saves_the_stored_format(monkeypatch: 
     want = spqr_linear_reference(x, t, bias)
     monkeypatch.setenv(dispatch.ENV_VAR, "reference")
     assert torch.equal(mod(x), want)
-    monkeypatch.setenv(dispatch.ENV_VAR, "triton")  # the interpreter on the CPU, on the repacked buffers
-    assert_close_to_reference(mod(x.bfloat16()), x.bfloat16(), t, bias.bfloat16())
+    if os.environ.get("TRITON_INTERPRET") == "1":  # with a GPU, Triton cannot run on these CPU buffers
+        monkeypatch.setenv(dispatch.ENV_VAR, "triton")  # the interpreter, on the repacked buffers
+        assert_close_to_reference(mod(x.bfloat16()), x.bfloat16(), t, bias.bfloat16())
     fresh = SpQRLinear.from_tensors(t, torch.zeros(48))
     fresh.repack_for_kernels()
     fresh.qweight.zero_()
