@@ -31,10 +31,12 @@ class KernelConfig:
 
     ``host_perm`` (GEMV): gather x through the permutation once per call on the host side (one
     small extra launch) instead of in every program; the tensor-core kernel always does.
-    ``gemv16`` is the fp16x2 GEMV (:mod:`.triton_gemv16`; :func:`gemv16_unsupported_reason`).
+    ``gemv16`` is the fp16x2 GEMV (:mod:`.triton_gemv16`; :func:`gemv16_unsupported_reason`), ``mma16``
+    the fp16 tensor-core kernel with the pair decode (:mod:`.triton_mma16`; :func:`mma16_unsupported_reason`;
+    a sweep candidate, not the heuristic's choice yet).
     """
 
-    path: str  # "gemv16", "gemv" or "mma"
+    path: str  # "gemv16", "gemv", "mma" or "mma16"
     block_m: int  # activation rows per program (1 for the GEMVs)
     block_n: int  # weight rows per program
     units: int  # C: 32-code units per step of the K loop (BK = 32 * C codes)
@@ -42,10 +44,11 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     host_perm: bool = False
-    rows: int = 4  # gemv16: neighbouring rows per thread (R)
-    prefetch: int = 1  # gemv16: load step i + prefetch (0: i) before the math of step i
+    rows: int = 4  # gemv16 / mma16: neighbouring rows per thread (R)
+    prefetch: int = 1  # gemv16 (0-2) / mma16 (0-1): load step i + prefetch (0: i) before the math of step i
     outliers_first: bool = False  # gemv16: the outliers before the K loop instead of after it
     unroll: int = 1  # gemv16: K-loop unroll factor
+    host_cast: bool = False  # mma16: x scaled and rounded to fp16 once per call on the host side
 
 
 def _pow2(n: int) -> int:
@@ -118,6 +121,20 @@ def gemv16_unsupported_reason(dtype: torch.dtype, t: SpqrTensors | SpqrKernelTen
     return None
 
 
+#: Activation scale of the fp16 tensor-core kernel (:mod:`.triton_mma16`) per activation dtype.
+MMA16_XS = {torch.bfloat16: 2.0**-8, torch.float16: 1.0}
+
+
+def mma16_unsupported_reason(dtype: torch.dtype, t: SpqrTensors | SpqrKernelTensors, rows: int = 4,
+                             block_m: int = 16) -> str | None:
+    """Why the fp16 tensor-core kernel cannot serve this layer, activation dtype and tile, or None."""
+    if dtype not in MMA16_XS:
+        return f"activations {dtype} (the fp16 tensor-core kernel takes {list(MMA16_XS)})"
+    if block_m < 16:
+        return f"block_m {block_m} (tl.dot needs >= 16)"
+    return gemv16_unsupported_reason(torch.bfloat16, t, rows)
+
+
 @functools.lru_cache(maxsize=4096)
 def _cached_config(m: int, meta: tuple, device: torch.device, dtype: torch.dtype) -> KernelConfig:
     """:func:`pick_config` memoised per (M, the layer's integer fields, device, dtype): it reads nothing
@@ -134,7 +151,7 @@ def _gemv16_slots(t: SpqrTensors | SpqrKernelTensors, split: int) -> int:
 
 def _slots(cfg: KernelConfig) -> int:
     """R: outlier slots per row and step, so that the outlier tile holds a few elements per thread."""
-    per_slot = cfg.block_n * (cfg.block_m if cfg.path == "mma" else 1)
+    per_slot = cfg.block_n * (cfg.block_m if cfg.path.startswith("mma") else 1)
     return max(1, min(64, _pow2(-(-OUTLIER_ELEMS_PER_THREAD * 32 * cfg.num_warps // per_slot))))
 
 
@@ -166,12 +183,16 @@ def spqr_matmul_triton(
     if m == 0 or n == 0:
         return y.reshape(*x.shape[:-1], n)
     cfg = config or _cached_config(m, tuple(t.meta().items()), x.device, x.dtype)
-    mma = cfg.path == "mma"
+    mma = cfg.path.startswith("mma")
     if cfg.path == "gemv16" and (reason := gemv16_unsupported_reason(x.dtype, t, cfg.rows)) is not None:
         raise ValueError(f"spqr fp16x2 GEMV: unsupported {reason}")
+    if cfg.path == "mma16" and (reason := mma16_unsupported_reason(x.dtype, t, cfg.rows, cfg.block_m)) is not None:
+        raise ValueError(f"spqr fp16 tensor-core kernel: unsupported {reason}")
     gather_in_kernel = t.perm is not None and not (mma or cfg.host_perm)
     if mma:  # [K, M], stored column order: one gather and transpose of x per call
         x2 = x2.t().index_select(0, t.perm) if t.perm is not None else x2.t().contiguous()
+        if cfg.path == "mma16" and cfg.host_cast and x2.dtype != torch.float16:
+            x2 = torch.mul(x2, MMA16_XS[x.dtype], out=torch.empty(x2.shape, dtype=torch.float16, device=x2.device))
     elif t.perm is not None and not gather_in_kernel:
         x2 = x2.index_select(1, t.perm)
     if x2.stride(-1) != 1:
@@ -220,6 +241,16 @@ def spqr_matmul_triton(
             XS=GEMV16_XS[x.dtype], HAS_PERM=gather_in_kernel, PREFETCH=cfg.prefetch, DOT_ASM=asm, DOT_CONS=cons,
             CP=min(32, _pow2(steps_per_split * cfg.units)), SPLIT_P2=_pow2(split),
             OUT_FIRST=cfg.outliers_first, UNROLL=cfg.unroll, **meta)
+    elif cfg.path == "mma16":
+        from effllm_kernels.spqr.pair_asm import decode_asm
+        from effllm_kernels.spqr.triton_mma16 import _spqr_mma16_kernel
+
+        asm, cons = decode_asm(t.bits)
+        for key in ("GROUP", "C", "R", "EVEN"):
+            del meta[key]
+        _spqr_mma16_kernel[(n_blocks, split, m_blocks)](
+            *args, t.scale_q.shape[0], BM=cfg.block_m, R=cfg.rows, RO=_slots(cfg), C=cfg.units, XS=MMA16_XS[x.dtype], PREFETCH=min(cfg.prefetch, 1), DEC_ASM=asm, DEC_CONS=cons,
+            XH=x2.dtype == torch.float16, **meta)
     elif mma:
         _spqr_mma_kernel[(n_blocks, split, m_blocks)](*args, BM=cfg.block_m, **meta)
     else:

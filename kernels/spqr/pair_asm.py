@@ -102,6 +102,106 @@ def dot_asm(bits: int) -> tuple[str, str]:
     return "\n".join(lines), ",".join(["=r", "=r"] + ["r"] * 20)
 
 
+#: Operand numbers of :func:`decode_asm`: 32 fp16 outputs, then the words, then the statistics.
+DECODE_WORDS = 32
+DECODE_STATS = 36
+
+
+@functools.cache
+def decode_asm(bits: int) -> tuple[str, str]:
+    """(PTX, constraints) of ``inline_asm_elementwise`` decoding one (row, unit) to 32 fp16 weights.
+
+    For the fp16 tensor-core kernel (:mod:`.triton_mma16`). Operands: $0..$31 the fp16 weights in
+    pair order (``$2p`` / ``$2p + 1``: codes a / b of pair p of :func:`pair_layout`); $32..$35 the
+    unit's words (unused ones repeat $32); $36..$39 the fp32 bits of (s0, nb0, s1, nb1), the scale
+    and ``-s * (z - 2**(bits-1))`` of the unit's two groups. Per pair: the LOP3 of :func:`dot_asm`, the
+    exact centring ``q - 2**(bits-1)`` (one fp16x2 add or FMA) and ``w = s * q_c + nb`` (one fp16x2
+    FMA): 3 instructions per two weights; per group one ``cvt.rn.f16x2.f32`` for each of s, nb.
+    """
+    if bits not in (2, 3, 4):
+        raise ValueError(f"the fp16 pair decode takes 2-, 3- or 4-bit codes, not {bits}")
+    off = 1 << (bits - 1)
+    shift = bits * _direct_slots(bits)
+    w_ops = [f"${DECODE_WORDS + w}" for w in range(4)]
+    st = [f"${DECODE_STATS + i}" for i in range(4)]
+    lines = ["{", ".reg .b32 q, t, mg, m, sc, bi, h0, h1, h2, h3, s0, n0, s1, n1;",
+             f"mov.b32 mg, {MAGIC | MAGIC << 16:#x};",
+             f"cvt.rn.f16x2.f32 s0, {st[0]}, {st[0]};", f"cvt.rn.f16x2.f32 n0, {st[1]}, {st[1]};",
+             f"cvt.rn.f16x2.f32 s1, {st[2]}, {st[2]};", f"cvt.rn.f16x2.f32 n1, {st[3]}, {st[3]};"]
+    for w in range(bits):
+        lines.append(f"shr.u32 h{w}, {w_ops[w]}, {shift};")
+    for p, (_, _, w, s) in enumerate(pair_layout(bits)):
+        if w < 0:  # 3-bit pair 15: bit b of each code from word b, bit 15 / 31
+            lines += [f"shr.u32 t, {w_ops[0]}, 15;", "mov.b32 m, 0x00010001;", "lop3.b32 q, t, m, mg, 0xEA;",
+                      f"shr.u32 t, {w_ops[1]}, 14;", "mov.b32 m, 0x00020002;", "lop3.b32 q, t, m, q, 0xEA;",
+                      f"shr.u32 t, {w_ops[2]}, 13;", "mov.b32 m, 0x00040004;", "lop3.b32 q, t, m, q, 0xEA;"]
+            s = 0
+        else:
+            src = w_ops[w]
+            if s + bits > 10:
+                src, s = f"h{w}", s - shift
+            field = ((1 << bits) - 1) << s
+            lines += [f"mov.b32 m, {field | field << 16:#x};", f"lop3.b32 q, {src}, m, mg, {LUT_AND_OR:#x};"]
+        lines += [f"mov.b32 bi, {_f16x2(-(1024 / 2**s + off)):#x};"]
+        if s == 0:
+            lines.append("add.rn.f16x2 q, q, bi;")
+        else:
+            lines += [f"mov.b32 sc, {_f16x2(2.0**-s):#x};", "fma.rn.f16x2 q, q, sc, bi;"]
+        g = p // 8
+        lines += [f"fma.rn.f16x2 q, q, s{g}, n{g};", f"mov.b32 {{${2 * p}, ${2 * p + 1}}}, q;"]
+    lines.append("}")
+    return "\n".join(lines), ",".join(["=h"] * 32 + ["r"] * 8)
+
+
+def emulate_decode(asm: str, operands: list[int]) -> list[float]:
+    """Run the PTX of :func:`decode_asm` with numpy (tests): operands $32..$39 as int bit patterns
+    (words, then the fp32 bits of s0, nb0, s1, nb1) -> the 32 fp16 outputs as floats."""
+    regs: dict[str, int] = {f"${DECODE_WORDS + i}": v & 0xFFFFFFFF for i, v in enumerate(operands)}
+    outs: dict[int, float] = {}
+
+    def val(tok: str) -> int:
+        tok = tok.strip()
+        return regs[tok] if tok in regs else int(tok, 0)
+
+    def halves(v: int) -> tuple[float, float]:
+        return (float(np.uint16(v & 0xFFFF).view(np.float16)), float(np.uint16(v >> 16).view(np.float16)))
+
+    def pack(lo: float, hi: float) -> int:
+        return int(np.float16(lo).view(np.uint16)) | int(np.float16(hi).view(np.uint16)) << 16
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        if op == "mov.b32" and rest.startswith("{"):
+            lo_hi, src = rest.split("},")
+            a, b = (int(t.strip().lstrip("{$")) for t in lo_hi.split(","))
+            outs[a], outs[b] = halves(val(src))
+            continue
+        args = [a.strip() for a in rest.split(",")]
+        d = args[0]
+        if op == "mov.b32":
+            regs[d] = val(args[1])
+        elif op == "cvt.rn.f16x2.f32":
+            f = float(np.uint32(val(args[1])).view(np.float32))
+            regs[d] = pack(f, f)
+        elif op == "shr.u32":
+            regs[d] = val(args[1]) >> val(args[2])
+        elif op == "lop3.b32":
+            regs[d] = (val(args[1]) & val(args[2])) | val(args[3])
+        elif op in ("add.rn.f16x2", "fma.rn.f16x2"):
+            a, b = halves(val(args[1])), halves(val(args[2]))
+            if op == "add.rn.f16x2":
+                regs[d] = pack(a[0] + b[0], a[1] + b[1])
+            else:
+                c = halves(val(args[3]))
+                regs[d] = pack(a[0] * b[0] + c[0], a[1] * b[1] + c[1])
+        else:
+            raise ValueError(f"emulate_decode: unknown instruction {op}")
+    return [outs[i] for i in range(32)]
+
+
 def emulate(asm: str, operands: list[int]) -> list[float]:
     """Run the PTX of :func:`dot_asm` on scalar operands with numpy (tests): -> [$0, $1] as floats.
 
@@ -155,4 +255,4 @@ def emulate(asm: str, operands: list[int]) -> list[float]:
     return out
 
 
-__all__ = ["dot_asm", "emulate", "pair_layout"]
+__all__ = ["decode_asm", "dot_asm", "emulate", "emulate_decode", "pair_layout"]

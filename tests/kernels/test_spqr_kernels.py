@@ -133,6 +133,72 @@ def test_fp16x2_gemv_is_the_default_for_bf16_decode_only() -> None:
     assert "5-bit" in gemv16_unsupported_reason(torch.bfloat16, random_spqr_tensors(16, 128, 5, 16, seed=2))
 
 
+# The fp16 tensor-core kernel (2-4 bits, groups of 16, fp16 / bf16 activations): (m, n, k, bits, stat_bits,
+# stat_group, permute, outlier density, config, dtype): every bit width (pair orders), quantized and fp16
+# statistics, blocks of 8 rows, ragged K and M, N not a multiple of the tile, K split, prefetch 0 and 1,
+# x cast to fp16 in the kernel and on the host.
+def _mma16_cases() -> list:
+    from effllm_kernels.spqr.launch import KernelConfig
+
+    return [
+        (16, 48, 352, 3, 3, 16, True, 0.03, KernelConfig("mma16", 16, 16, 2, 1, 4, 1, rows=4), torch.bfloat16),
+        (5, 40, 100, 2, 3, 16, False, 0.0, KernelConfig("mma16", 16, 32, 1, 3, 4, 1, prefetch=0), torch.float16),
+        (17, 24, 200, 4, 16, 16, True, 0.03, KernelConfig("mma16", 16, 16, 2, 2, 4, 1, rows=2, host_cast=True), torch.bfloat16),
+        (3, 36, 544, 3, 4, 8, True, 0.02, KernelConfig("mma16", 16, 32, 2, 2, 4, 1, rows=4), torch.float16),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_fp16_mma_matches_reference(case: int) -> None:
+    m, n, k, bits, sb, sg, permute, density, cfg, dtype = _mma16_cases()[case]
+    t = random_spqr_tensors(n, k, bits, 16, sb, sg, outlier_density=density, permute=permute, seed=200 + case,
+                            device=DEVICE)
+    gen = torch.Generator(device=DEVICE).manual_seed(case)
+    x = torch.randn(m, k, generator=gen, device=DEVICE).to(dtype)
+    bias = torch.randn(n, generator=gen, device=DEVICE).to(dtype) if case % 2 else None
+    assert_close_to_reference(run_kernel(x, repack(t), bias, cfg), x, t, bias)
+
+
+def test_fp16_mma_is_a_candidate_not_the_default() -> None:
+    from effllm_kernels.spqr.launch import KernelConfig, mma16_unsupported_reason, pick_config
+
+    t = random_spqr_tensors(64, 256, seed=1, device="cpu")
+    assert pick_config(16, t, torch.device("cpu"), torch.bfloat16).path == "mma"
+    assert mma16_unsupported_reason(torch.bfloat16, t) is None
+    assert mma16_unsupported_reason(torch.float16, t) is None
+    assert "float32" in mma16_unsupported_reason(torch.float32, t)
+    assert "block_m" in mma16_unsupported_reason(torch.bfloat16, t, block_m=8)
+    with pytest.raises(ValueError, match="fp16 tensor-core"):
+        run_kernel(torch.randn(4, 256), repack(t), None, KernelConfig("mma16", 16, 16, 2))
+
+
+def test_decode_asm_emulation_gives_the_weights() -> None:
+    """The PTX block of the fp16 tensor-core kernel (emulated instruction by instruction, fp16 rounding
+    included) gives s * (q - z) for the 32 codes of a unit of random codes, in pair order."""
+    import numpy as np
+
+    from effllm_kernels.packing import pack_codes
+    from effllm_kernels.spqr.pair_asm import decode_asm, emulate_decode, pair_layout
+    from effllm_kernels.spqr.repack import repack_qweight
+
+    rng = np.random.default_rng(1)
+    for bits in (2, 3, 4):
+        asm, cons = decode_asm(bits)
+        assert cons.count("=h") == 32 and cons.count("r") == 8
+        layout = pair_layout(bits)
+        for _ in range(10):
+            codes = torch.from_numpy(rng.integers(0, 2**bits, (1, 32)))
+            words = repack_qweight(pack_codes(codes, bits), 32, bits)[:, 0].tolist()
+            s = rng.uniform(0.5, 2.0, 2).astype(np.float32)
+            z = rng.uniform(0, 2**bits - 1, 2).astype(np.float32)
+            nb = -s * (z - 2 ** (bits - 1))
+            stats = [int(np.float32(v).view(np.uint32)) for v in (s[0], nb[0], s[1], nb[1])]
+            got = emulate_decode(asm, (words + words[:1] * 4)[:4] + stats)
+            q = codes[0].numpy()
+            want = [float(s[c // 16] * (q[c] - z[c // 16])) for a, b, _, _ in layout for c in (a, b)]
+            assert np.allclose(got, want, rtol=2e-3, atol=4e-3), (bits, got, want)
+
+
 def test_pair_asm_emulation_matches_the_group_dots() -> None:
     """The PTX block the fp16x2 GEMV runs (emulated instruction by instruction, fp16 rounding included)
     gives each group's sum (q - 2**(bits-1)) * x on the kernel layout of random codes."""
@@ -277,6 +343,22 @@ def test_real_shapes_on_gpu(shape: tuple, m: int) -> None:
         t = random_spqr_tensors(n, k, bits, 16, sb, 16, outlier_density=0.01, seed=n + k + m, device="cuda")
         x = torch.randn(m, k, device="cuda").to(dtype)
         assert_close_to_reference(run_kernel(x, repack(t)), x, t)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "{}x{}".format(*s))
+@pytest.mark.parametrize("m", [2, 16, 64])
+def test_fp16_mma_real_shapes_on_gpu(shape: tuple, m: int) -> None:
+    """The fp16 tensor-core kernel (a sweep candidate) at the real shapes: 2/3/4 bits, fp16 and bf16."""
+    from effllm_kernels.spqr.launch import KernelConfig, with_split
+
+    n, k = shape
+    for bits, sb, dtype in [(3, 3, torch.bfloat16), (4, 16, torch.float16), (2, 3, torch.bfloat16)]:
+        t = random_spqr_tensors(n, k, bits, 16, sb, 16, outlier_density=0.01, seed=n + k + m, device="cuda")
+        x = torch.randn(m, k, device="cuda").to(dtype)
+        cfg = with_split(KernelConfig("mma16", 16 if m <= 16 else 64, 128, 2, 1, 4, 1), m, t, x.device)
+        assert_close_to_reference(run_kernel(x, repack(t), None, cfg), x, t)
 
 
 @pytest.mark.gpu
