@@ -13,6 +13,7 @@ bytes of the SpQR layer (codes, statistics, outliers, permutation, row pointers)
 
     python scripts/bench_spqr_matmul.py               # 3-bit/3-bit stats/16/16/1% outliers, + a 4-bit row
     python scripts/bench_spqr_matmul.py --sweep       # also time the candidate configurations (tuning)
+    python scripts/bench_spqr_matmul.py --sweep --sweep-paths mma16 --formats "3:3:16,64"  # fp16 tensor cores
 
 With ``--sweep`` every candidate of :func:`sweep_configs` is first compiled and checked in parallel
 worker processes (``--workers``; Triton's disk cache then serves the timing process), then each is
@@ -35,6 +36,7 @@ from effllm_kernels.spqr import SpqrKernelTensors, SpqrTensors, repack, spqr_lin
 from effllm_kernels.spqr.launch import (
     KernelConfig,
     gemv16_unsupported_reason,
+    mma16_unsupported_reason,
     pick_config,
     spqr_matmul_triton,
     with_split,
@@ -76,10 +78,17 @@ GEMV_CANDIDATES = [(128, 2, 2, 2), (128, 2, 2, 3), (128, 2, 2, 4), (128, 1, 1, 2
 GEMV16_CANDIDATES = [(256, 2, 4, 4, 2, False, 1), (256, 2, 4, 4, 1, False, 1), (256, 2, 4, 4, 2, True, 1),
                      (128, 4, 4, 4, 2, False, 1), (256, 2, 4, 4, 1, False, 2)]
 MMA_CANDIDATES = [(128, 2, 4, 3), (128, 2, 4, 2), (256, 2, 8, 2), (128, 4, 4, 3), (64, 2, 4, 3), (256, 2, 8, 3)]
+#: fp16 tensor-core candidates (kernels/spqr/triton_mma16.py; bf16 / fp16 activations, 2-4 bits, groups of 16):
+#: (block_n, units, num_warps, num_stages, rows per thread, prefetch depth, x cast on the host).
+MMA16_CANDIDATES = [(128, 2, 4, 1, 4, 1, True), (128, 2, 4, 1, 4, 1, False), (128, 4, 4, 1, 4, 1, True),
+                    (256, 2, 8, 1, 4, 1, True), (128, 2, 4, 1, 4, 0, True), (128, 2, 4, 2, 4, 0, True),
+                    (256, 4, 8, 1, 4, 1, True)]
 
 
-def sweep_configs(m: int, t: SpqrTensors | SpqrKernelTensors) -> list[KernelConfig]:
-    """The heuristic, then each candidate at its automatic K split and at twice that (``--sweep``)."""
+def sweep_configs(m: int, t: SpqrTensors | SpqrKernelTensors, paths: str = "all",
+                  splits: str = "auto,double,half") -> list[KernelConfig]:
+    """The heuristic, then each candidate at its automatic K split, twice and half that (``--sweep``;
+    ``paths``: "all" or a comma list of paths to try, e.g. "mma16"; ``splits``: which of the three)."""
     dev = torch.device("cuda")
     out = [pick_config(m, t, dev)]
     if m == 1 and gemv16_unsupported_reason(torch.bfloat16, t) is None:
@@ -90,9 +99,16 @@ def sweep_configs(m: int, t: SpqrTensors | SpqrKernelTensors) -> list[KernelConf
     else:
         bm = min(64, max(16, triton.next_power_of_2(m)))
         bases = [KernelConfig("mma", bm, bn, c, 1, nw, st) for bn, c, nw, st in MMA_CANDIDATES]
+        if mma16_unsupported_reason(torch.bfloat16, t, 4, bm) is None:
+            bases += [KernelConfig("mma16", bm, bn, c, 1, nw, st, rows=r, prefetch=pf, host_cast=hc)
+                      for bn, c, nw, st, r, pf, hc in MMA16_CANDIDATES]
+    if paths != "all":
+        bases = [b for b in bases if b.path in paths.split(",")]
     for base in bases:
         auto = with_split(base, m, t, dev)
-        out += [auto, replace(auto, split_k=min(64, 2 * auto.split_k)), replace(auto, split_k=max(1, auto.split_k // 2))]
+        cands = {"auto": auto, "double": replace(auto, split_k=min(64, 2 * auto.split_k)),
+                 "half": replace(auto, split_k=max(1, auto.split_k // 2))}
+        out += [cands[name] for name in splits.split(",")]
     seen: list[KernelConfig] = []
     return [c for c in out if not (c in seen or seen.append(c))]
 
@@ -117,6 +133,8 @@ def describe(c: KernelConfig) -> str:
     if c.path == "gemv16":
         tag += f" R{c.rows} prefetch{c.prefetch}" + (" outliers-first" if c.outliers_first else "")
         tag += f" unroll{c.unroll}" if c.unroll > 1 else ""
+    if c.path == "mma16":
+        tag += f" R{c.rows} prefetch{c.prefetch}" + (" host-cast" if c.host_cast else "")
     return tag + (" host-perm" if c.host_perm else "")
 
 
@@ -144,7 +162,7 @@ def bench_shape(n: int, k: int, bits: int, sb: int, ms: list[int], args: argpars
         cfg = pick_config(m, t0, torch.device("cuda"))
         if args.sweep and (m == 1 or not args.sweep_m1_only) and (bits, sb) == specs0(args):
             best = None
-            for c in sweep_configs(m, t0):
+            for c in sweep_configs(m, t0, args.sweep_paths, args.sweep_splits):
                 ek2, et2 = check_case(t0, m, dtype, c)
                 tq = time_kernel(ts, xs, c, quick=True)
                 good = ek2 <= 2 * et2
@@ -180,6 +198,8 @@ def main() -> None:
     ap.add_argument("--precompile-only", action="store_true", help="with --sweep: compile and check, then stop")
     ap.add_argument("--eager-calls", type=int, default=300)
     ap.add_argument("--sweep-m1-only", action="store_true", help="with --sweep: sweep M = 1 cases only")
+    ap.add_argument("--sweep-paths", default="all", help="with --sweep: 'all' or paths to try, e.g. 'mma16,mma'")
+    ap.add_argument("--sweep-splits", default="auto,double,half", help="with --sweep: K splits per candidate")
     args = ap.parse_args()
     args.dtype, args.group_size = "bf16", 16
     rows: list[str] = []
@@ -192,7 +212,7 @@ def main() -> None:
         sweep_ms = {m for m in specs[0][2] if m == 1 or not args.sweep_m1_only}
         jobs = {(specs[0][0], specs[0][1], m if m == 1 else min(64, max(16, triton.next_power_of_2(m))),
                  replace(c, split_k=min(c.split_k, 2)))
-                for m in sweep_ms for c in sweep_configs(m, t)}
+                for m in sweep_ms for c in sweep_configs(m, t, args.sweep_paths, args.sweep_splits)}
         precompile([(4096, 4096, bits, sb, m, c) for bits, sb, m, c in sorted(jobs, key=str)], args.workers)
         if args.precompile_only:
             return

@@ -191,8 +191,11 @@ def spqr_matmul_triton(
     gather_in_kernel = t.perm is not None and not (mma or cfg.host_perm)
     if mma:  # [K, M], stored column order: one gather and transpose of x per call
         x2 = x2.t().index_select(0, t.perm) if t.perm is not None else x2.t().contiguous()
-        if cfg.path == "mma16" and cfg.host_cast and x2.dtype != torch.float16:
-            x2 = torch.mul(x2, MMA16_XS[x.dtype], out=torch.empty(x2.shape, dtype=torch.float16, device=x2.device))
+        if cfg.path == "mma16" and cfg.host_cast:  # fp16, scaled, padded to whole BM tiles (triton_mma16)
+            alloc = torch.zeros if interpreter_enabled() else torch.empty  # (numpy warns of NaN padding)
+            xh = alloc((k, -(-m // cfg.block_m) * cfg.block_m), dtype=torch.float16, device=x.device)
+            torch.mul(x2, MMA16_XS[x.dtype], out=xh[:, :m])
+            x2 = xh
     elif t.perm is not None and not gather_in_kernel:
         x2 = x2.index_select(1, t.perm)
     if x2.stride(-1) != 1:
@@ -249,8 +252,8 @@ def spqr_matmul_triton(
         for key in ("GROUP", "C", "R", "EVEN"):
             del meta[key]
         _spqr_mma16_kernel[(n_blocks, split, m_blocks)](
-            *args, t.scale_q.shape[0], BM=cfg.block_m, R=cfg.rows, RO=_slots(cfg), C=cfg.units, XS=MMA16_XS[x.dtype], PREFETCH=min(cfg.prefetch, 1), DEC_ASM=asm, DEC_CONS=cons,
-            XH=x2.dtype == torch.float16, **meta)
+            *args, t.scale_q.shape[0], BM=cfg.block_m, R=cfg.rows, RO=_slots(cfg), C=cfg.units,
+            XS=MMA16_XS[x.dtype], PREFETCH=min(cfg.prefetch, 1), DEC_ASM=asm, DEC_CONS=cons, XH=cfg.host_cast, **meta)
     elif mma:
         _spqr_mma_kernel[(n_blocks, split, m_blocks)](*args, BM=cfg.block_m, **meta)
     else:

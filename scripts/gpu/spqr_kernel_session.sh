@@ -5,7 +5,11 @@
 # Jobs: tests (GPU kernel tests of tests/kernels), tiny (the fp16x2 GEMV's small-shape tests on CUDA),
 #       sweep (bench_spqr_matmul --sweep at M=1, 2/3/4-bit), final (--sweep at M=1 for 3 bits, the
 #       3-bit M=16/64 and 4-bit M=1 rows by the heuristic), table (the full table, heuristic configs),
-#       decode (bench_spqr_decode, compiled, DECODE_ARGS)
+#       decode (bench_spqr_decode, compiled, DECODE_ARGS),
+#       mma16 (the fp16 tensor-core kernel, kernels/spqr/triton_mma16.py: every candidate checked against the
+#       fp64 reference and timed at M=16/64 on the three Llama shapes against bf16, beside the heuristic's
+#       old tensor-core kernel; the table row of each case is its fastest candidate). One call, < 5 min:
+#   run(command="bash scripts/gpu/spqr_kernel_session.sh 290 tests mma16", timeout_s=300)
 limit=${1:-280}
 shift
 jobs=" ${*:-tests sweep} "
@@ -20,8 +24,8 @@ if want tests; then
     timeout $(( $(left) - 20 )) python3 -m pytest -q -m gpu tests/kernels/test_spqr_kernels.py tests/kernels/test_rtn_matmul.py \
         -p no:cacheprovider > "$out/pytest_gpu.txt" 2>&1 &
     pids+=($!)
-    timeout $(( $(left) - 20 )) python3 -m pytest -q tests/kernels/test_spqr_kernels.py -k "fp16x2 or pair_asm" \
-        -p no:cacheprovider > "$out/pytest_tiny.txt" 2>&1 &
+    timeout $(( $(left) - 20 )) python3 -m pytest -q tests/kernels/test_spqr_kernels.py \
+        -k "fp16x2 or pair_asm or fp16_mma or decode_asm" -p no:cacheprovider > "$out/pytest_tiny.txt" 2>&1 &
     pids+=($!)
 fi
 if want tiny; then
@@ -32,6 +36,11 @@ fi
 if want final; then
     (cd scripts && timeout $(( $(left) - ${DECODE_S:-0} - 10 )) python3 bench_spqr_matmul.py --sweep --sweep-m1-only \
         --formats "3:3:1,16,64;4:3:1" --workers 12 --eager-calls 30 --rotate-mb 300) > "$out/final.txt" 2>&1
+fi
+if want mma16; then
+    (cd scripts && timeout $(( $(left) - 15 )) python3 bench_spqr_matmul.py --sweep --sweep-paths mma16 \
+        --sweep-splits auto,double --formats "3:3:16,64" --workers 12 --eager-calls 30 --rotate-mb 300) \
+        > "$out/mma16.txt" 2>&1
 fi
 if want sweep; then
     (cd scripts && timeout $(( $(left) - 15 )) python3 bench_spqr_matmul.py --sweep --sweep-m1-only --m 1 \
@@ -47,6 +56,6 @@ if want decode; then
         > "$out/decode.txt" 2>&1
 fi
 tail -3 "$out"/pytest_*.txt 2>/dev/null
-grep -h "^| " "$out/sweep.txt" "$out/table.txt" "$out/final.txt" 2>/dev/null | grep -v "^| N x K" | sort -u | head -90
+grep -h "^| " "$out/sweep.txt" "$out/table.txt" "$out/final.txt" "$out/mma16.txt" 2>/dev/null | grep -v "^| N x K" | sort -u | head -90
 tail -8 "$out/decode.txt" 2>/dev/null
 echo "elapsed $(( $(date +%s) - start )) s"
