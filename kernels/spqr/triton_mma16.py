@@ -7,9 +7,16 @@ different dequantization: the codes go straight to **fp16 pairs** in registers b
 for the exact centring ``q - 2**(bits-1)``, one fp16x2 FMA ``w = s * q_c - s * z_c``), with the
 scale and the centred zero decoded once per (row, group) in fp32 (:func:`.triton_gemv16._decode_stats`,
 the second-level statistics loaded once per thread and group) and converted to fp16x2 once per
-(row, group). The old kernel spends ~9.5 SASS instructions per weight in its K loop (a shift, a LOP3,
-an I2F-free convert, an fp32 FMA, a bf16 round and pack per weight, plus the statistics per weight
-chunk); this one ~1.5 for the decode plus the statistics per (row, group).
+(row, group).
+
+Offline counts (sm_90 build of Triton 3.6, 3-bit codes and statistics, outliers, split K; SASS
+instructions of the K loop x threads / weights of a step): ``_spqr_mma_kernel`` at the heuristic's
+tile (128 rows x 2 units, 4 warps, 3 stages) 10.2 at BM = 16 and 11.3 at BM = 64 (an fp32 FMA, a LOP3,
+shifts and moves, half a bf16 pack per weight; the words and statistics staged through shared memory
+by cp.async, two layout conversions of the coefficients, 6 barriers per step); this kernel at the same
+tile 5.7 (BM = 16) / 5.5 (BM = 64) with ``host_cast``, 6.3 / 8.0 without, 4.2 with 4 units per step,
+4.1 with 256 rows x 4 units on 8 warps (the decode itself 1.5; no spills; the dot is wgmma
+``HGMMA.64xBMx16.F32`` with the weights stored once to shared memory and read back by LDSM).
 
 Tile: a program owns BN = T * R output rows and BM activation rows, and walks its share of K in steps
 of C units (BK = 32 C). The [C, T, R] tiles of :mod:`.triton_gemv16` give each thread R neighbouring

@@ -350,14 +350,16 @@ def test_real_shapes_on_gpu(shape: tuple, m: int) -> None:
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "{}x{}".format(*s))
 @pytest.mark.parametrize("m", [2, 16, 64])
 def test_fp16_mma_real_shapes_on_gpu(shape: tuple, m: int) -> None:
-    """The fp16 tensor-core kernel (a sweep candidate) at the real shapes: 2/3/4 bits, fp16 and bf16."""
+    """The fp16 tensor-core kernel (a sweep candidate) at the real shapes: 2/3/4 bits, fp16 and bf16, x cast
+    in the kernel (M = 16) and on the host (M = 2, 64)."""
     from effllm_kernels.spqr.launch import KernelConfig, with_split
 
     n, k = shape
     for bits, sb, dtype in [(3, 3, torch.bfloat16), (4, 16, torch.float16), (2, 3, torch.bfloat16)]:
         t = random_spqr_tensors(n, k, bits, 16, sb, 16, outlier_density=0.01, seed=n + k + m, device="cuda")
         x = torch.randn(m, k, device="cuda").to(dtype)
-        cfg = with_split(KernelConfig("mma16", 16 if m <= 16 else 64, 128, 2, 1, 4, 1), m, t, x.device)
+        cfg = with_split(KernelConfig("mma16", 16 if m <= 16 else 64, 128, 2, 1, 4, 1, host_cast=m != 16), m, t,
+                         x.device)
         assert_close_to_reference(run_kernel(x, repack(t), None, cfg), x, t)
 
 
