@@ -39,7 +39,7 @@ if want final; then
 fi
 if want mma16; then
     (cd scripts && timeout $(( $(left) - 15 )) python3 bench_spqr_matmul.py --sweep --sweep-paths mma16 \
-        --sweep-splits auto,double --formats "3:3:16,64" --workers 12 --eager-calls 30 --rotate-mb 300) \
+        --sweep-splits auto,half --formats "3:3:16,64" --workers 12 --eager-calls 30 --rotate-mb 300) \
         > "$out/mma16.txt" 2>&1
 fi
 if want sweep; then
