@@ -169,10 +169,17 @@ def test_unknown_key_and_missing_target_exit_2(tiny_llama, tmp_path):
         parse_recipe({"model": "m", "stages": [{"method": "longrope2", "target_length": 9, "parents": 80}]})
 
 
-def test_search_documents_spread_over_several_lengths(tiny_llama, tmp_path):
+def test_search_documents_spread_over_several_lengths(tiny_llama, tmp_path, caplog):
     keys = {**TINY_SEARCH, "samples": 3, "eval_length": [500, 600]}
-    metrics = _run(tiny_llama, tmp_path / "mixed", "longrope2", target_length=1024, **keys)["metrics"]
+    with caplog.at_level("INFO", logger="effllm"):
+        metrics = _run(tiny_llama, tmp_path / "mixed", "longrope2", target_length=1024, **keys)["metrics"]
     assert metrics["search_data"]["length"] == [500, 600, 500]  # documents cycle through the lengths
+    # The cost is announced after the first candidate (a log line, also without a terminal), and
+    # every iteration logs its best objective.
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("one candidate (3 documents of 500/600 tokens) took" in m and "at most 12 candidates" in m  # 4 + 2 x (2 + 2)
+               for m in lines)
+    assert sum("longrope2: iteration " in m for m in lines) == TINY_SEARCH["iterations"] + 1
     # A length inside the original window would score the short factors: one line, exit 2.
     bad = run_cli("extend-context", "--method", "longrope2", "--target-length", "1024", "--set",
                   "longrope2.eval_length=[200, 600]", str(tiny_llama), "-o", str(tmp_path / "bad"), "--device", "cpu")

@@ -221,6 +221,26 @@ def search_lengths(cfg: SearchConfig, original: int, target: int) -> list[int]:
     return [int(n) for n in lengths]
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else (f"{seconds / 60:.0f} min" if seconds < 7200 else
+                                                      f"{seconds / 3600:.1f} h")
+
+
+def _announce_cost(objective: Any, announce: Any) -> Any:
+    """``objective`` that reports the time of its first call (the search's cost estimate, up front)."""
+    first = [True]
+
+    def timed(factors: list[float]) -> float:
+        t0 = time.perf_counter()
+        value = objective(factors)
+        if first[0]:
+            first[0] = False
+            announce(time.perf_counter() - t0)
+        return value
+
+    return timed
+
+
 def _fingerprint(ctx: Any, cfg: SearchConfig, method: str) -> str:
     payload = {"method": method, "config": dataclasses.asdict(cfg), "seed": ctx.recipe.seed,
                "model": ctx.recipe.model, "dtype": str(next(ctx.model.parameters()).dtype), "device": ctx.device}
@@ -248,9 +268,19 @@ def run_search(ctx: Any, cfg: SearchConfig, *, v2: bool) -> StageResult:
                                           samples=cfg.samples, needles=getattr(cfg, "needles", 0), mscale=mscale,
                                           seed=ctx.recipe.seed, device=ctx.device)
     state = ctx.state_dir / method / "search.json" if ctx.state_dir is not None else None
-    evo = Evolution(space, objective, cfg, ctx.recipe.seed, state, _fingerprint(ctx, cfg, method))
+    budget = cfg.population + cfg.iterations * (cfg.mutations + cfg.crossovers)
+    timed = _announce_cost(objective, lambda dt: ctx.reporter.info(
+        f"{method}: one candidate ({cfg.samples} documents of {'/'.join(map(str, length))} tokens) took {dt:.1f} s "
+        f"on {ctx.device}; the search evaluates at most {budget} candidates: up to {_duration(dt * budget)} "
+        f"(Ctrl-C and --resume continue it; smaller: --set {method}.population=... / iterations=...)"))
+
+    def on_iteration(it: int, best: float, evaluations: int) -> None:
+        ctx.reporter.info(f"{method}: iteration {it}/{cfg.iterations}, best objective {best:.4f} "
+                          f"(ppl {math.exp(best):.3f}), {evaluations} evaluations, {_duration(time.perf_counter() - t0)}")
+
+    evo = Evolution(space, timed, cfg, ctx.recipe.seed, state, _fingerprint(ctx, cfg, method))
     t0 = time.perf_counter()
-    result = evo.run(init, resume=ctx.resume, starts=extra_starts(cfg, space, s),
+    result = evo.run(init, resume=ctx.resume, starts=extra_starts(cfg, space, s), on_iteration=on_iteration,
                      progress=lambda steps, total: ctx.reporter.progress_iter(steps, f"{method} search", total=total))
     search_s = time.perf_counter() - t0
     ctx.reporter.info(f"{method}: best objective {result.objective:.4f} (ppl {math.exp(result.objective):.3f}) "

@@ -194,9 +194,12 @@ class Evolution:
     # -- main loop --------------------------------------------------------------------------------
     def run(self, init: tuple[int, tuple[int, ...]], *, resume: bool = False,
             progress: Callable[[Iterable[int], int], Iterable[int]] | None = None,
-            starts: Iterable[tuple[int, tuple[int, ...]]] = ()) -> SearchResult:
+            starts: Iterable[tuple[int, tuple[int, ...]]] = (),
+            on_iteration: Callable[[int, float, int], None] | None = None) -> SearchResult:
         """Search from ``init``: the initial population is ``init``, then the valid new ``starts``
-        (extra starting candidates, at most ``population - 1``), then mutations of ``init``."""
+        (extra starting candidates, at most ``population - 1``), then mutations of ``init``.
+        ``on_iteration(iteration, best objective, evaluations)`` follows initialisation (0) and
+        every iteration."""
         s = self.s
         if not resume and self.state_path is not None and self.state_path.exists():
             self.state_path.unlink()  # a fresh search never mixes with an old one's cache
@@ -225,6 +228,8 @@ class Evolution:
                 self.value(*population[-1])
             curve = [min(self.value(*c) for c in population)]
             self._save(0, population, curve)
+            if on_iteration is not None:
+                on_iteration(0, curve[-1], self.evaluations)
         steps: Iterable[int] = range(start, s.iterations)
         if progress is not None:
             steps = progress(steps, s.iterations - start)
@@ -242,6 +247,8 @@ class Evolution:
             population = parents + children
             curve.append(min(self.value(*c) for c in population))
             self._save(it + 1, population, curve)
+            if on_iteration is not None:
+                on_iteration(it + 1, curve[-1], self.evaluations)
         best = min(population, key=lambda c: self.value(*c))
         return SearchResult(best[0], best[1], self.space.factors(*best), self.value(*best), curve,
                             self.evaluations, resumed)
