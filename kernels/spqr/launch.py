@@ -192,9 +192,10 @@ def spqr_matmul_triton(
     if mma:  # [K, M], stored column order: one gather and transpose of x per call
         x2 = x2.t().index_select(0, t.perm) if t.perm is not None else x2.t().contiguous()
         if cfg.path == "mma16" and cfg.host_cast:  # fp16, scaled, padded to whole BM tiles (triton_mma16)
-            alloc = torch.zeros if interpreter_enabled() else torch.empty  # (numpy warns of NaN padding)
-            xh = alloc((k, -(-m // cfg.block_m) * cfg.block_m), dtype=torch.float16, device=x.device)
+            xh = torch.empty((k, -(-m // cfg.block_m) * cfg.block_m), dtype=torch.float16, device=x.device)
             torch.mul(x2, MMA16_XS[x.dtype], out=xh[:, :m])
+            if xh.shape[1] > m:  # zero padding: no NaN from stale memory ever reaches a product
+                xh[:, m:].zero_()
             x2 = xh
     elif t.perm is not None and not gather_in_kernel:
         x2 = x2.index_select(1, t.perm)
