@@ -142,3 +142,18 @@ def outlier_slots(oc_ptr, ov_ptr, perm_ptr, start, end, j0, R: tl.constexpr, HAS
     if HAS_PERM:
         col = tl.load(perm_ptr + col, mask=om, other=0)
     return col, val, om
+
+
+@triton.jit
+def mma_outliers(x_ptr, stride_xk, perm_ptr, rp_ptr, oc_ptr, ov_ptr, rn, rm, m_mask, N, pid_k, split,
+                 R: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
+    """The tensor-core kernels' outlier products [BN, BM] (fp32): this K split's share of each row's
+    CSR entries, R at a time, against x in stored column order ([K, M], column ``rm``)."""
+    start, end, most = outlier_span(rp_ptr, rn, N)
+    oacc = tl.zeros([BN, BM], dtype=tl.float32)
+    for j0 in range(pid_k * R, most, R * split):
+        col, val, om = outlier_slots(oc_ptr, ov_ptr, perm_ptr, start, end, j0, R, False)
+        xo = tl.load(x_ptr + col[:, :, None] * stride_xk + rm[None, None, :],
+                     mask=om[:, :, None] & m_mask[None, None, :], other=0.0).to(tl.float32)  # [BN, R, BM]
+        oacc += tl.sum(val[:, :, None] * xo, axis=1)
+    return oacc

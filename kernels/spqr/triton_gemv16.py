@@ -117,30 +117,38 @@ def _half(v, HI: tl.constexpr):
 
 
 @triton.jit
+def pair_codes(w0, w1, w2, w3, P: tl.constexpr, BITS: tl.constexpr):
+    """Codes 2P and 2P + 1 of a unit in the paired kernel layout (``repack.paired_position``), int32:
+    the same bits of the two halves of one word (3-bit pair 15: one bit from each of three words)."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    PW: tl.constexpr = 5 if BITS == 3 else 16 // BITS  # pairs per word
+    WI: tl.constexpr = P // PW
+    S: tl.constexpr = BITS * (P % PW)
+    if BITS == 3 and P == 15:
+        qa = ((w0 >> 15) & 1) | (((w1 >> 15) & 1) << 1) | (((w2 >> 15) & 1) << 2)
+        qb = ((w0 >> 31) & 1) | (((w1 >> 31) & 1) << 1) | (((w2 >> 31) & 1) << 2)
+    else:
+        if WI == 0:
+            w = w0
+        elif WI == 1:
+            w = w1
+        elif WI == 2:
+            w = w2
+        else:
+            w = w3
+        qa = (w >> S) & MASK
+        qb = (w >> (S + 16)) & MASK
+    return qa, qb
+
+
+@triton.jit
 def _emulated_sums(w0, w1, w2, w3, x, BITS: tl.constexpr):
     """The group sums of the PTX block in Triton ops (the interpreter): fp32 (P0, P1) [C, T, R]."""
     OFF: tl.constexpr = 1 << (BITS - 1)
-    MASK: tl.constexpr = (1 << BITS) - 1
     p0 = tl.zeros(w0.shape, dtype=tl.float32)
     p1 = tl.zeros(w0.shape, dtype=tl.float32)
     for p in tl.static_range(16):
-        PW: tl.constexpr = 5 if BITS == 3 else 16 // BITS
-        WI: tl.constexpr = p // PW
-        S: tl.constexpr = BITS * (p % PW)
-        if BITS == 3 and p == 15:
-            qa = ((w0 >> 15) & 1) | (((w1 >> 15) & 1) << 1) | (((w2 >> 15) & 1) << 2)
-            qb = ((w0 >> 31) & 1) | (((w1 >> 31) & 1) << 1) | (((w2 >> 31) & 1) << 2)
-        else:
-            if WI == 0:
-                w = w0
-            elif WI == 1:
-                w = w1
-            elif WI == 2:
-                w = w2
-            else:
-                w = w3
-            qa = (w >> S) & MASK
-            qb = (w >> (S + 16)) & MASK
+        qa, qb = pair_codes(w0, w1, w2, w3, p, BITS)
         part = ((qa.to(tl.float32) - OFF) * _half(x[p], 0)[:, None, None]
                 + (qb.to(tl.float32) - OFF) * _half(x[p], 1)[:, None, None])
         if p < 8:

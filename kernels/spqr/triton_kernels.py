@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from effllm_kernels.splitk import finish
-from effllm_kernels.spqr.triton_decode import _t4, outlier_slots, outlier_span
+from effllm_kernels.spqr.triton_decode import _t4, mma_outliers, outlier_slots, outlier_span
 from effllm_kernels.spqr.triton_tiles import tile_coeffs, tile_words, x_at
 
 #: Arguments that vary between calls of one configuration: no recompilation per M or K split.
@@ -233,14 +233,8 @@ def _spqr_mma_kernel(
         else:
             acc = tl.dot(w.to(DT), xt, acc)
     if HAS_OUTLIERS:  # x is in stored order: outlier columns index it directly
-        start, end, most = outlier_span(rp_ptr, rn, N)
-        oacc = tl.zeros([BN, BM], dtype=tl.float32)
-        for j0 in range(pid_k * R, most, R * split):
-            col, val, om = outlier_slots(oc_ptr, ov_ptr, perm_ptr, start, end, j0, R, False)
-            xo = tl.load(x_ptr + col[:, :, None] * stride_xk + rm[None, None, :],
-                         mask=om[:, :, None] & m_mask[None, None, :], other=0.0).to(tl.float32)  # [BN, R, BM]
-            oacc += tl.sum(val[:, :, None] * xo, axis=1)
-        acc += oacc
+        acc += mma_outliers(x_ptr, stride_xk, perm_ptr, rp_ptr, oc_ptr, ov_ptr, rn, rm, m_mask, N, pid_k, split,
+                            R, BN, BM)
     mask = n_mask[:, None] & m_mask[None, :]
     offs = rm[None, :] * N + rn[:, None]
     finish(acc, y_ptr, ws_ptr, cnt_ptr, b_ptr, offs, offs, M * N, pid_k, split,

@@ -49,8 +49,8 @@ import triton
 import triton.language as tl
 
 from effllm_kernels.splitk import finish
-from effllm_kernels.spqr.triton_decode import outlier_slots, outlier_span
-from effllm_kernels.spqr.triton_gemv16 import _decode_stats, _step_loads
+from effllm_kernels.spqr.triton_decode import mma_outliers
+from effllm_kernels.spqr.triton_gemv16 import _decode_stats, _step_loads, pair_codes
 
 _VARYING = ["M", "units_per_split", "split"]
 
@@ -116,26 +116,9 @@ def _tree32(v):
 def _emulated_weights(w0, w1, w2, w3, sw0, nb0, sw1, nb1, BITS: tl.constexpr):
     """The 32 weights of the PTX block in fp32 Triton ops (the interpreter), pair order: a tuple."""
     OFF: tl.constexpr = 1 << (BITS - 1)
-    MASK: tl.constexpr = (1 << BITS) - 1
-    PW: tl.constexpr = 5 if BITS == 3 else 16 // BITS
     out = ()
     for p in tl.static_range(16):
-        WI: tl.constexpr = p // PW
-        S: tl.constexpr = BITS * (p % PW)
-        if BITS == 3 and p == 15:
-            qa = ((w0 >> 15) & 1) | (((w1 >> 15) & 1) << 1) | (((w2 >> 15) & 1) << 2)
-            qb = ((w0 >> 31) & 1) | (((w1 >> 31) & 1) << 1) | (((w2 >> 31) & 1) << 2)
-        else:
-            if WI == 0:
-                w = w0
-            elif WI == 1:
-                w = w1
-            elif WI == 2:
-                w = w2
-            else:
-                w = w3
-            qa = (w >> S) & MASK
-            qb = (w >> (S + 16)) & MASK
+        qa, qb = pair_codes(w0, w1, w2, w3, p, BITS)
         if p < 8:
             out = out + ((qa.to(tl.float32) - OFF) * sw0 + nb0, (qb.to(tl.float32) - OFF) * sw0 + nb0)
         else:
@@ -232,13 +215,8 @@ def _spqr_mma16_kernel(
             acc = tl.dot(w, xt, acc)
     acc = acc * (1.0 / (XS * WS))
     if HAS_OUTLIERS:  # x is in stored order: outlier columns index it directly
-        start, end, most = outlier_span(rp_ptr, rn, N)
-        oacc = tl.zeros([BN, BM], dtype=tl.float32)
-        for j0 in range(pid_k * RO, most, RO * split):
-            col, val, om = outlier_slots(oc_ptr, ov_ptr, perm_ptr, start, end, j0, RO, False)
-            xo = tl.load(x_ptr + col[:, :, None] * stride_xk + rm[None, None, :],
-                         mask=om[:, :, None] & m_mask[None, None, :], other=0.0).to(tl.float32)  # [BN, RO, BM]
-            oacc += tl.sum(val[:, :, None] * xo, axis=1)
+        oacc = mma_outliers(x_ptr, stride_xk, perm_ptr, rp_ptr, oc_ptr, ov_ptr, rn, rm, m_mask, N, pid_k, split,
+                            RO, BN, BM)
         if XH:
             oacc = oacc * (1.0 / XS)
         acc += oacc
