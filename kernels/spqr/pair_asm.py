@@ -57,6 +57,31 @@ def _f16x2(value: float) -> int:
     return h | (h << 16)
 
 
+def _centred_pair(bits: int, slot: tuple, words: list[str], shift: int) -> list[str]:
+    """PTX putting pair ``slot`` of :func:`pair_layout` into ``q`` as the fp16x2 ``(a, b) - 2**(bits-1)``
+    (exact): one LOP3 into the mantissa of 1024 (two for bits past 10, via ``h<w>``, the word shifted
+    by ``shift``), then one fp16x2 add or FMA that removes the exponent's 1024 and centres."""
+    off = 1 << (bits - 1)
+    _, _, w, s = slot
+    if w < 0:  # 3-bit pair 15: bit b of each code from word b, bit 15 / 31
+        lines = [f"shr.u32 t, {words[0]}, 15;", "mov.b32 m, 0x00010001;", "lop3.b32 q, t, m, mg, 0xEA;",
+                 f"shr.u32 t, {words[1]}, 14;", "mov.b32 m, 0x00020002;", "lop3.b32 q, t, m, q, 0xEA;",
+                 f"shr.u32 t, {words[2]}, 13;", "mov.b32 m, 0x00040004;", "lop3.b32 q, t, m, q, 0xEA;"]
+        s = 0
+    else:
+        src = words[w]
+        if s + bits > 10:
+            src, s = f"h{w}", s - shift
+        field = ((1 << bits) - 1) << s
+        lines = [f"mov.b32 m, {field | field << 16:#x};", f"lop3.b32 q, {src}, m, mg, {LUT_AND_OR:#x};"]
+    lines.append(f"mov.b32 bi, {_f16x2(-(1024 / 2**s + off)):#x};")
+    if s == 0:
+        lines.append("add.rn.f16x2 q, q, bi;")
+    else:
+        lines += [f"mov.b32 sc, {_f16x2(2.0**-s):#x};", "fma.rn.f16x2 q, q, sc, bi;"]
+    return lines
+
+
 @functools.cache
 def dot_asm(bits: int) -> tuple[str, str]:
     """(PTX, constraints) of ``inline_asm_elementwise`` for one (row, unit).
@@ -66,31 +91,15 @@ def dot_asm(bits: int) -> tuple[str, str]:
     """
     if bits not in (2, 3, 4):
         raise ValueError(f"the fp16x2 GEMV takes 2-, 3- or 4-bit codes, not {bits}")
-    off = 1 << (bits - 1)
     shift = bits * _direct_slots(bits)  # the first field that needs a shift
     lines = ["{", ".reg .b32 q, t, a0, a1, mg, m, sc, bi, h0, h1, h2, h3;", ".reg .b16 lo, hi;",
              ".reg .f32 f0, f1;", f"mov.b32 mg, {MAGIC | MAGIC << 16:#x};"]
     words = [f"${2 + w}" for w in range(4)]
     for w in range(bits):
         lines.append(f"shr.u32 h{w}, {words[w]}, {shift};")
-    for p, (_, _, w, s) in enumerate(pair_layout(bits)):
+    for p, slot in enumerate(pair_layout(bits)):
         acc = f"a{p // 8}"
-        if w < 0:  # 3-bit pair 15: bit b of each code from word b, bit 15 / 31
-            lines += ["shr.u32 t, $2, 15;", "mov.b32 m, 0x00010001;", "lop3.b32 q, t, m, mg, 0xEA;",
-                      "shr.u32 t, $3, 14;", "mov.b32 m, 0x00020002;", "lop3.b32 q, t, m, q, 0xEA;",
-                      "shr.u32 t, $4, 13;", "mov.b32 m, 0x00040004;", "lop3.b32 q, t, m, q, 0xEA;"]
-            s = 0
-        else:
-            src = words[w]
-            if s + bits > 10:
-                src, s = f"h{w}", s - shift
-            field = ((1 << bits) - 1) << s
-            lines += [f"mov.b32 m, {field | field << 16:#x};", f"lop3.b32 q, {src}, m, mg, {LUT_AND_OR:#x};"]
-        lines += [f"mov.b32 bi, {_f16x2(-(1024 / 2**s + off)):#x};"]
-        if s == 0:
-            lines.append("add.rn.f16x2 q, q, bi;")
-        else:
-            lines += [f"mov.b32 sc, {_f16x2(2.0**-s):#x};", "fma.rn.f16x2 q, q, sc, bi;"]
+        lines += _centred_pair(bits, slot, words, shift)
         if p % 8 == 0:  # a group's first pair starts its chains
             lines.append(f"mul.rn.f16x2 {acc}, q, ${6 + p};")
         else:
@@ -120,7 +129,6 @@ def decode_asm(bits: int) -> tuple[str, str]:
     """
     if bits not in (2, 3, 4):
         raise ValueError(f"the fp16 pair decode takes 2-, 3- or 4-bit codes, not {bits}")
-    off = 1 << (bits - 1)
     shift = bits * _direct_slots(bits)
     w_ops = [f"${DECODE_WORDS + w}" for w in range(4)]
     st = [f"${DECODE_STATS + i}" for i in range(4)]
@@ -130,23 +138,8 @@ def decode_asm(bits: int) -> tuple[str, str]:
              f"cvt.rn.f16x2.f32 s1, {st[2]}, {st[2]};", f"cvt.rn.f16x2.f32 n1, {st[3]}, {st[3]};"]
     for w in range(bits):
         lines.append(f"shr.u32 h{w}, {w_ops[w]}, {shift};")
-    for p, (_, _, w, s) in enumerate(pair_layout(bits)):
-        if w < 0:  # 3-bit pair 15: bit b of each code from word b, bit 15 / 31
-            lines += [f"shr.u32 t, {w_ops[0]}, 15;", "mov.b32 m, 0x00010001;", "lop3.b32 q, t, m, mg, 0xEA;",
-                      f"shr.u32 t, {w_ops[1]}, 14;", "mov.b32 m, 0x00020002;", "lop3.b32 q, t, m, q, 0xEA;",
-                      f"shr.u32 t, {w_ops[2]}, 13;", "mov.b32 m, 0x00040004;", "lop3.b32 q, t, m, q, 0xEA;"]
-            s = 0
-        else:
-            src = w_ops[w]
-            if s + bits > 10:
-                src, s = f"h{w}", s - shift
-            field = ((1 << bits) - 1) << s
-            lines += [f"mov.b32 m, {field | field << 16:#x};", f"lop3.b32 q, {src}, m, mg, {LUT_AND_OR:#x};"]
-        lines += [f"mov.b32 bi, {_f16x2(-(1024 / 2**s + off)):#x};"]
-        if s == 0:
-            lines.append("add.rn.f16x2 q, q, bi;")
-        else:
-            lines += [f"mov.b32 sc, {_f16x2(2.0**-s):#x};", "fma.rn.f16x2 q, q, sc, bi;"]
+    for p, slot in enumerate(pair_layout(bits)):
+        lines += _centred_pair(bits, slot, w_ops, shift)
         g = p // 8
         lines += [f"fma.rn.f16x2 q, q, s{g}, n{g};", f"mov.b32 {{${2 * p}, ${2 * p + 1}}}, q;"]
     lines.append("}")
