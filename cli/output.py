@@ -105,6 +105,10 @@ class RichReporter:
     def info(self, message: str) -> None:
         self.log.info(message)
 
+    def progress_note(self, message: str) -> None:
+        if not self.ui.show_progress:  # on a terminal the bar says it; in a log or pipe, a line does
+            self.log.info(message)
+
     def warning(self, message: str) -> None:
         self.log.warning(message)
 

@@ -19,5 +19,10 @@ class Reporter:
     def info(self, message: str) -> None:
         log.info(message)
 
+    def progress_note(self, message: str) -> None:
+        """Where a long loop stands (layers done, time left): a log line, for logs and scripts; a
+        reporter that draws a progress bar may drop it."""
+        log.info(message)
+
     def warning(self, message: str) -> None:
         log.warning(message)

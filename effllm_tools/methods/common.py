@@ -4,6 +4,7 @@ running a calibrated stage layer by layer."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -53,13 +54,28 @@ def layer_progress(ctx: Any, total: int, label: str) -> Callable[[int, int], Non
     bar = iter(ctx.progress_iter(list(range(total)), label))
     next(bar, None)
     shown = [0]
+    since = [time.perf_counter(), 0]  # the clock and the layers done when this process started timing
 
     def report(done: int, _total: int) -> None:
+        if done <= shown[0]:
+            return
+        first = shown[0]
         while shown[0] < done:
             next(bar, None)
             shown[0] += 1
+        if first == 0 and done > 1:  # layers restored from a resume state: time from here on
+            since[:] = [time.perf_counter(), done]
+            return
+        elapsed = time.perf_counter() - since[0]
+        left = elapsed / (done - since[1]) * (total - done)
+        ctx.reporter.progress_note(f"{label}: {done}/{total}, {_minutes(elapsed)} elapsed, "
+                                   f"about {_minutes(left)} left")
 
     return report
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def run_calibrated_layers(

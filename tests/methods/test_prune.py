@@ -229,6 +229,8 @@ def test_cli_wanda_2of4_loads_in_plain_transformers_and_inspect_shows_sparsity(t
     proc = run_cli("prune", "--method", "wanda", "--sparsity", "2:4", "--nsamples", "4", "--calib-seqlen", "32",
                    "--dataset", str(sample_text), str(tiny_llama), "-o", str(out))
     assert proc.returncode == 0, proc.stderr
+    # Not a terminal: no bar, but a log line per calibrated layer says where the run stands.
+    assert "1/2, " in proc.stderr and "2/2, " in proc.stderr and "left" in proc.stderr, proc.stderr
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     weights, base = load_file(str(out / "model.safetensors")), load_file(str(tiny_llama / "model.safetensors"))
     linears = [k for k in weights if ".layers." in k and k.endswith("proj.weight")]
