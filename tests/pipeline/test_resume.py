@@ -40,6 +40,13 @@ def weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+def crash_at(model: nn.Module, calib_ids, state_dir, fail_at: int, fingerprint: str) -> None:
+    """A calibration interrupted in layer ``fail_at`` (the layers before it stay in ``state_dir``)."""
+    with pytest.raises(Interrupted):
+        run_layerwise(model, calib_ids, data_dependent_method(fail_at=fail_at), state_dir=state_dir,
+                      fingerprint=fingerprint)
+
+
 def test_interrupted_run_resumes_to_the_same_result(build, calib_ids, tmp_path) -> None:
     pristine = build("gemma3")
     fingerprint = make_fingerprint(pristine, calib_ids, {"method": "test", "damp": 0.01})
@@ -48,14 +55,7 @@ def test_interrupted_run_resumes_to_the_same_result(build, calib_ids, tmp_path) 
     straight = run_layerwise(straight_model, calib_ids, data_dependent_method())
 
     crashed_model = copy.deepcopy(pristine)
-    with pytest.raises(Interrupted):
-        run_layerwise(
-            crashed_model,
-            calib_ids,
-            data_dependent_method(fail_at=1),
-            state_dir=tmp_path,
-            fingerprint=fingerprint,
-        )
+    crash_at(crashed_model, calib_ids, tmp_path, 1, fingerprint)
     record = json.loads((tmp_path / "state.json").read_text())
     assert record["finished_layers"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -107,14 +107,7 @@ def test_finished_state_resumes_without_work(build, calib_ids, tmp_path) -> None
 
 def test_mismatched_fingerprint_is_refused(build, calib_ids, tmp_path) -> None:
     model = build("qwen3")
-    with pytest.raises(Interrupted):
-        run_layerwise(
-            copy.deepcopy(model),
-            calib_ids,
-            data_dependent_method(fail_at=1),
-            state_dir=tmp_path,
-            fingerprint=make_fingerprint(model, calib_ids, {"bits": 4}),
-        )
+    crash_at(copy.deepcopy(model), calib_ids, tmp_path, 1, make_fingerprint(model, calib_ids, {"bits": 4}))
     other = make_fingerprint(model, calib_ids, {"bits": 3})
     with pytest.raises(BadInputError, match="belongs to another run") as info:
         run_layerwise(
@@ -149,14 +142,7 @@ def test_fresh_run_clears_old_state_and_needs_a_fingerprint(build, calib_ids, tm
 
 def test_corrupt_state_is_bad_input(build, calib_ids, tmp_path) -> None:
     model = build("llama")
-    with pytest.raises(Interrupted):
-        run_layerwise(
-            copy.deepcopy(model),
-            calib_ids,
-            data_dependent_method(fail_at=2),
-            state_dir=tmp_path,
-            fingerprint="f",
-        )
+    crash_at(copy.deepcopy(model), calib_ids, tmp_path, 2, "f")
     (tmp_path / "layer_00001.safetensors").write_bytes(b"garbage")
     before = weights(model)
     with pytest.raises(BadInputError, match="incomplete or corrupt"):
