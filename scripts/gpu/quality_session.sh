@@ -15,7 +15,8 @@
 #   quant       the quant suite (rtn, gptq at 3/4 bits, SpQR recipes)
 #   spqr-sweep  SpQR 3-bit recipe with other percdamp / act_order / tau (the bits-vs-quality sweep)
 #   lr-final    base, pi, ntk, yarn and LongRoPE2 (target / mixed documents, 64 x 14) with 8 passkey trials
-#   lr-lift     LongRoPE2 (mixed documents) with init_scales 1.2, 1.4, 1.6, as lr-final
+#   lr-lift     LongRoPE2 (mixed documents) with init_scales 1.2, 1.4, 1.6, and with 16k-heavy documents
+#               (4 x 16k + 2 x 32k), as lr-final (two processes, ~8 min)
 #   longrope    base, pi, ntk, yarn, LongRoPE v1 / v2 (mscale su and none) at 32k, population 64 x 20 iterations
 #   lr-cost     one LongRoPE2 candidate on a Llama-3-8B-shaped model (random weights) at 32k and 128k
 #   pytest      the GPU tests
@@ -66,7 +67,9 @@ if want lr-final; then  # the final table: 8 passkey trials (40 prompts per leng
     done
 fi
 if want lr-lift; then  # LongRoPE2 (mixed documents) with extra starts above s, as lr-final's searches
-    bl lr-lift --methods longrope2-mixed-lift --passkey-trials 8 --search-iterations 14 >"$t/lr-lift.log" 2>&1 &
+    for m in longrope2-mixed-lift longrope2-mixed16; do
+        bl "lr-$m" --methods "$m" --passkey-trials 8 --search-iterations 14 >"$t/lr-$m.log" 2>&1 &
+    done
 fi
 if want spqr-pd; then
     ( EFFLLM_KERNELS=reference q spqr-pd0.1 --suite quant --rows spqr-3bit --set percdamp=0.1
