@@ -48,39 +48,15 @@ def _outlier_rows(x_row, perm_ptr, rp_ptr, oc_ptr, ov_ptr, rn, N, pid_k, split, 
 
 
 @triton.jit
-def _fma_pairs(f, x, acc):
-    """acc + f[..., 0] * x[..., 0] + f[..., 1] * x[..., 1] as two FMAs (the last axis has size 2)."""
+def _fma_tree(f, x, acc, D: tl.constexpr):
+    """acc + sum_j f[..., j] * x[..., j] over D trailing axes of size 2, as one chain of FMAs in
+    index order (halves first to last; D is a compile-time depth, the recursion unrolls)."""
     fa, fb = tl.split(f)
     xa, xb = tl.split(x)
-    return tl.fma(fb, xb, tl.fma(fa, xa, acc))
-
-
-@triton.jit
-def _fma4(f, x, acc):
-    fa, fb = tl.split(f)
-    xa, xb = tl.split(x)
-    return _fma_pairs(fb, xb, _fma_pairs(fa, xa, acc))
-
-
-@triton.jit
-def _fma8(f, x, acc):
-    fa, fb = tl.split(f)
-    xa, xb = tl.split(x)
-    return _fma4(fb, xb, _fma4(fa, xa, acc))
-
-
-@triton.jit
-def _fma16(f, x, acc):
-    fa, fb = tl.split(f)
-    xa, xb = tl.split(x)
-    return _fma8(fb, xb, _fma8(fa, xa, acc))
-
-
-@triton.jit
-def _fma32(f, x, acc):
-    fa, fb = tl.split(f)
-    xa, xb = tl.split(x)
-    return _fma16(fb, xb, _fma16(fa, xa, acc))
+    if D == 1:
+        return tl.fma(fb, xb, tl.fma(fa, xa, acc))
+    else:
+        return _fma_tree(fb, xb, _fma_tree(fa, xa, acc, D - 1), D - 1)
 
 
 @triton.jit
@@ -92,14 +68,7 @@ def group_dot(f, x, GL: tl.constexpr):
     D: tl.constexpr = 3 if GL == 8 else (4 if GL == 16 else 5)
     f = tl.reshape(f, f.shape[:-1] + [2] * D)
     x = tl.reshape(x, x.shape[:-1] + [2] * D)
-    acc = tl.zeros(f.shape[:-D], dtype=tl.float32)
-    if GL == 8:
-        acc = _fma8(f, x, acc)
-    elif GL == 16:
-        acc = _fma16(f, x, acc)
-    else:
-        acc = _fma32(f, x, acc)
-    return acc
+    return _fma_tree(f, x, tl.zeros(f.shape[:-D], dtype=tl.float32), D)
 
 
 @triton.jit(do_not_specialize=_VARYING)
