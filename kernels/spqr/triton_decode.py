@@ -100,27 +100,17 @@ def _code_paired(w0, w1, w2, one, J: tl.constexpr, LOW: tl.constexpr):
 
 
 @triton.jit
-def _t1(w0, w1, w2, w3, w4, w5, w6, w7, one, J: tl.constexpr, BITS: tl.constexpr):
-    return tl.join(_code(w0, w1, w2, w3, w4, w5, w6, w7, one, J, BITS),
-                   _code(w0, w1, w2, w3, w4, w5, w6, w7, one, J + 16, BITS))
-
-
-@triton.jit
-def _t2(w0, w1, w2, w3, w4, w5, w6, w7, one, J: tl.constexpr, BITS: tl.constexpr):
-    return tl.join(_t1(w0, w1, w2, w3, w4, w5, w6, w7, one, J, BITS),
-                   _t1(w0, w1, w2, w3, w4, w5, w6, w7, one, J + 8, BITS))
-
-
-@triton.jit
-def _t3(w0, w1, w2, w3, w4, w5, w6, w7, one, J: tl.constexpr, BITS: tl.constexpr):
-    return tl.join(_t2(w0, w1, w2, w3, w4, w5, w6, w7, one, J, BITS),
-                   _t2(w0, w1, w2, w3, w4, w5, w6, w7, one, J + 4, BITS))
-
-
-@triton.jit
-def _t4(w0, w1, w2, w3, w4, w5, w6, w7, one, J: tl.constexpr, BITS: tl.constexpr):
-    return tl.join(_t3(w0, w1, w2, w3, w4, w5, w6, w7, one, J, BITS),
-                   _t3(w0, w1, w2, w3, w4, w5, w6, w7, one, J + 2, BITS))
+def code_tree(w0, w1, w2, w3, w4, w5, w6, w7, one, J: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr):
+    """Codes ``J + sum_d b_d * (32 >> d)`` (b_d in {0, 1}) of a unit as fp32 ``1 + q / 2**BITS``,
+    joined into D trailing axes of size 2 (the last axis steps by ``32 >> D``): with J = 0 and D = 5,
+    the unit's 32 codes with code j at bits (j % 2, (j // 2) % 2, ...) read last axis first. The
+    recursion unrolls at compile time."""
+    if D == 0:
+        return _code(w0, w1, w2, w3, w4, w5, w6, w7, one, J, BITS)
+    else:
+        STEP: tl.constexpr = 32 >> D
+        return tl.join(code_tree(w0, w1, w2, w3, w4, w5, w6, w7, one, J, BITS, D - 1),
+                       code_tree(w0, w1, w2, w3, w4, w5, w6, w7, one, J + STEP, BITS, D - 1))
 
 
 @triton.jit

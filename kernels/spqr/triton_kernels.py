@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from effllm_kernels.splitk import finish
-from effllm_kernels.spqr.triton_decode import _t4, mma_outliers, outlier_slots, outlier_span
+from effllm_kernels.spqr.triton_decode import code_tree, mma_outliers, outlier_slots, outlier_span
 from effllm_kernels.spqr.triton_tiles import tile_coeffs, tile_words, x_at
 
 #: Arguments that vary between calls of one configuration: no recompilation per M or K split.
@@ -98,7 +98,7 @@ def _spqr_gemv_kernel(
         units = u0 + rc
         umask = units < u_end
         w0, w1, w2, w3, w4, w5, w6, w7 = tile_words(qw_ptr, units, rn, umask[:, None] & n_mask[None, :], N, BITS)
-        f = tl.join(_t4(w0, w1, w2, w3, w4, w5, w6, w7, one, 0, BITS), _t4(w0, w1, w2, w3, w4, w5, w6, w7, one, 1, BITS))
+        f = code_tree(w0, w1, w2, w3, w4, w5, w6, w7, one, 0, BITS, 5)
         f = tl.reshape(f, [C, BN, NG, GL])  # [c, n, p, j]: code p * GL + j of unit c, row n
         k = units[:, None] * 32 + tl.arange(0, 32)[None, :]
         xk = tl.reshape(x_at(x_row, perm_ptr, k, umask[:, None] & (k < K), HAS_PERM, EVEN), [C, NG, GL])
@@ -188,7 +188,7 @@ def _spqr_mma_kernel(
         units = u0 + rc
         umask = units < u_end
         w0, w1, w2, w3, w4, w5, w6, w7 = tile_words(qw_ptr, units, rn, umask[:, None] & n_mask[None, :], N, BITS)
-        f = tl.join(_t4(w0, w1, w2, w3, w4, w5, w6, w7, one, 0, BITS), _t4(w0, w1, w2, w3, w4, w5, w6, w7, one, 1, BITS))
+        f = code_tree(w0, w1, w2, w3, w4, w5, w6, w7, one, 0, BITS, 5)
         f = tl.reshape(f, [C, BN, NG, GL])  # [c, n, j] = code j of unit c, row n
         cs, zcs = _coeffs3(sq_ptr, zq_ptr, sst_ptr, zst_ptr, units, umask, rn, n_mask, N, G, NBLK,
                            BITS, GROUP, STAT_BITS, STAT_GROUP, NG)
