@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import time
@@ -115,3 +116,14 @@ def header(args: argparse.Namespace) -> str:
         f"activations {args.dtype}, group size {args.group_size}, asymmetric (float zero points)",
         f"- rotation: input copies totalling >= {args.rotate_mb} MB per case; graph replay, 20 reps x 2 rounds",
     ])
+
+
+def emit(text: str, sweep_rows: list[str], first_column: str, name: str) -> None:
+    """Print the report (the table ``text``, then the sweep table if any) and write it to ``$OUT/name``."""
+    if sweep_rows:
+        text += (f"\n| N x K | M | {first_column} | config | us | vs bf16 | check |\n|---|---|---|---|---|---|---|\n"
+                 + "\n".join(sweep_rows) + "\n")
+    print("\n" + text)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], name), "w") as f:
+            f.write(text)

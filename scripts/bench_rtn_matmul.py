@@ -16,12 +16,11 @@ back-to-back calls, synchronize, wall time / calls: host launch cost included) a
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
-from bench_harness import CEILING_TBS, Timing, copies_for, eager_us, graph_medians, header, time_dense
+from bench_harness import CEILING_TBS, Timing, copies_for, eager_us, emit, graph_medians, header, time_dense
 
 from effllm_kernels.rtn import prepare_rtn_weight
 from effllm_kernels.rtn.launch import KernelConfig, pick_config, rtn_matmul_triton
@@ -172,13 +171,7 @@ def main() -> None:
         *rows,
     ])
     text = header(args) + "\n\n" + table + "\n"
-    if sweep_rows:
-        text += "\n| N x K | M | bits | config | us | vs bf16 | check |\n|---|---|---|---|---|---|---|\n"
-        text += "\n".join(sweep_rows) + "\n"
-    print("\n" + text)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "bench_rtn_matmul.md"), "w") as f:
-            f.write(text)
+    emit(text, sweep_rows, "bits", "bench_rtn_matmul.md")
 
 
 if __name__ == "__main__":

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 from dataclasses import replace
 
 import torch
 import triton
-from bench_harness import CEILING_TBS, Timing, copies_for, eager_us, graph_medians, header, time_dense
+from bench_harness import CEILING_TBS, Timing, copies_for, eager_us, emit, graph_medians, header, time_dense
 
 from effllm_kernels.spqr import SpqrKernelTensors, SpqrTensors, repack, spqr_linear_reference, unpack
 from effllm_kernels.spqr.launch import (
@@ -227,13 +226,7 @@ def main() -> None:
         *rows,
     ])
     text = header(args) + f"\n- SpQR: random layers, outlier density {args.outliers}, act-order permutation\n\n" + table + "\n"
-    if sweep_rows:
-        text += "\n| N x K | M | format | config | us | vs bf16 | check |\n|---|---|---|---|---|---|---|\n"
-        text += "\n".join(sweep_rows) + "\n"
-    print("\n" + text)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "bench_spqr_matmul.md"), "w") as f:
-            f.write(text)
+    emit(text, sweep_rows, "format", "bench_spqr_matmul.md")
 
 
 if __name__ == "__main__":
