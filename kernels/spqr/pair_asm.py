@@ -19,6 +19,7 @@ fp16 FMAs adds ~0.2x the error of rounding W to bf16 (``scripts``-free numpy mod
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import numpy as np
 
@@ -146,31 +147,29 @@ def decode_asm(bits: int) -> tuple[str, str]:
     return "\n".join(lines), ",".join(["=h"] * 32 + ["r"] * 8)
 
 
-def emulate_decode(asm: str, operands: list[int]) -> list[float]:
-    """Run the PTX of :func:`decode_asm` with numpy (tests): operands $32..$39 as int bit patterns
-    (words, then the fp32 bits of s0, nb0, s1, nb1) -> the 32 fp16 outputs as floats."""
-    regs: dict[str, int] = {f"${DECODE_WORDS + i}": v & 0xFFFFFFFF for i, v in enumerate(operands)}
-    outs: dict[int, float] = {}
+def _halves(v: int) -> tuple[float, float]:
+    return float(np.uint16(v & 0xFFFF).view(np.float16)), float(np.uint16(v >> 16).view(np.float16))
+
+
+def _pack(lo: float, hi: float) -> int:
+    return int(np.float16(lo).view(np.uint16)) | int(np.float16(hi).view(np.uint16)) << 16
+
+
+def _run_ptx(asm: str, regs: dict[str, int], special: Callable[[str, str], bool]) -> dict[str, int]:
+    """Execute the generators' PTX subset on ``regs`` (32-bit ints by register name) with numpy, for
+    the tests; ``special(op, operands)`` takes the lines it knows (returns True). fp16x2 math rounds
+    like the hardware: the fused multiply-add is exact in float64, then rounded once to fp16."""
 
     def val(tok: str) -> int:
         tok = tok.strip()
         return regs[tok] if tok in regs else int(tok, 0)
-
-    def halves(v: int) -> tuple[float, float]:
-        return (float(np.uint16(v & 0xFFFF).view(np.float16)), float(np.uint16(v >> 16).view(np.float16)))
-
-    def pack(lo: float, hi: float) -> int:
-        return int(np.float16(lo).view(np.uint16)) | int(np.float16(hi).view(np.uint16)) << 16
 
     for line in asm.splitlines():
         line = line.strip().rstrip(";")
         if line in ("{", "}") or line.startswith(".reg"):
             continue
         op, rest = line.split(None, 1)
-        if op == "mov.b32" and rest.startswith("{"):
-            lo_hi, src = rest.split("},")
-            a, b = (int(t.strip().lstrip("{$")) for t in lo_hi.split(","))
-            outs[a], outs[b] = halves(val(src))
+        if special(op, rest):
             continue
         args = [a.strip() for a in rest.split(",")]
         d = args[0]
@@ -178,72 +177,56 @@ def emulate_decode(asm: str, operands: list[int]) -> list[float]:
             regs[d] = val(args[1])
         elif op == "cvt.rn.f16x2.f32":
             f = float(np.uint32(val(args[1])).view(np.float32))
-            regs[d] = pack(f, f)
-        elif op == "shr.u32":
-            regs[d] = val(args[1]) >> val(args[2])
-        elif op == "lop3.b32":
-            regs[d] = (val(args[1]) & val(args[2])) | val(args[3])
-        elif op in ("add.rn.f16x2", "fma.rn.f16x2"):
-            a, b = halves(val(args[1])), halves(val(args[2]))
-            if op == "add.rn.f16x2":
-                regs[d] = pack(a[0] + b[0], a[1] + b[1])
-            else:
-                c = halves(val(args[3]))
-                regs[d] = pack(a[0] * b[0] + c[0], a[1] * b[1] + c[1])
-        else:
-            raise ValueError(f"emulate_decode: unknown instruction {op}")
-    return [outs[i] for i in range(32)]
-
-
-def emulate(asm: str, operands: list[int]) -> list[float]:
-    """Run the PTX of :func:`dot_asm` on scalar operands with numpy (tests): -> [$0, $1] as floats.
-
-    Knows the handful of instructions the generator emits; fp16x2 math rounds like the hardware
-    (the fused multiply-add is exact in float64, then rounded once to fp16).
-    """
-    regs: dict[str, int] = {f"${i}": v & 0xFFFFFFFF for i, v in enumerate(operands)}
-
-    def val(tok: str) -> int:
-        tok = tok.strip()
-        return regs[tok] if tok in regs else int(tok, 0)
-
-    def halves(v: int) -> tuple[np.float16, np.float16]:
-        return np.uint16(v & 0xFFFF).view(np.float16), np.uint16(v >> 16).view(np.float16)
-
-    def pack(lo: float, hi: float) -> int:
-        return int(np.float16(lo).view(np.uint16)) | int(np.float16(hi).view(np.uint16)) << 16
-
-    for line in asm.splitlines():
-        line = line.strip().rstrip(";")
-        if line in ("{", "}") or line.startswith(".reg"):
-            continue
-        op, rest = line.split(None, 1)
-        if op == "mov.b32" and rest.startswith("{"):
-            continue  # unpacking for the cvt below: handled there
-        args = [a.strip() for a in rest.split(",")]
-        d = args[0]
-        if op == "mov.b32" and args[1].startswith("f"):
-            continue  # the fp32 results: read from the accumulators below
-        if op == "mov.b32":
-            regs[d] = val(args[1])
+            regs[d] = _pack(f, f)
         elif op == "shr.u32":
             regs[d] = val(args[1]) >> val(args[2])
         elif op == "lop3.b32":
             regs[d] = (val(args[1]) & val(args[2])) | val(args[3])
         elif op in ("add.rn.f16x2", "mul.rn.f16x2", "fma.rn.f16x2"):
-            a, b = halves(val(args[1])), halves(val(args[2]))
+            a, b = _halves(val(args[1])), _halves(val(args[2]))
             if op == "add.rn.f16x2":
-                regs[d] = pack(float(a[0]) + float(b[0]), float(a[1]) + float(b[1]))
+                regs[d] = _pack(a[0] + b[0], a[1] + b[1])
             elif op == "mul.rn.f16x2":
-                regs[d] = pack(float(a[0]) * float(b[0]), float(a[1]) * float(b[1]))
+                regs[d] = _pack(a[0] * b[0], a[1] * b[1])
             else:
-                c = halves(val(args[3]))
-                regs[d] = pack(float(a[0]) * float(b[0]) + float(c[0]), float(a[1]) * float(b[1]) + float(c[1]))
-        elif op not in ("cvt.f32.f16", "add.f32"):
-            raise ValueError(f"emulate: unknown instruction {op}")
+                c = _halves(val(args[3]))
+                regs[d] = _pack(a[0] * b[0] + c[0], a[1] * b[1] + c[1])
+        else:
+            raise ValueError(f"PTX emulation: unknown instruction {op}")
+    return regs
+
+
+def emulate_decode(asm: str, operands: list[int]) -> list[float]:
+    """Run the PTX of :func:`decode_asm` with numpy (tests): operands $32..$39 as int bit patterns
+    (words, then the fp32 bits of s0, nb0, s1, nb1) -> the 32 fp16 outputs as floats."""
+    regs: dict[str, int] = {f"${DECODE_WORDS + i}": v & 0xFFFFFFFF for i, v in enumerate(operands)}
+    outs: dict[int, float] = {}
+
+    def outputs(op: str, rest: str) -> bool:  # mov.b32 {$a, $b}, q: the pair's two fp16 outputs
+        if op != "mov.b32" or not rest.startswith("{"):
+            return False
+        lo_hi, src = rest.split("},")
+        a, b = (int(t.strip().lstrip("{$")) for t in lo_hi.split(","))
+        outs[a], outs[b] = _halves(regs[src.strip()])
+        return True
+
+    _run_ptx(asm, regs, outputs)
+    return [outs[i] for i in range(32)]
+
+
+def emulate(asm: str, operands: list[int]) -> list[float]:
+    """Run the PTX of :func:`dot_asm` on scalar operands with numpy (tests): -> [$0, $1] as floats
+    (the fp32 sums of the two fp16x2 accumulators, as the epilogue's cvt / add compute them)."""
+    regs: dict[str, int] = {f"${i}": v & 0xFFFFFFFF for i, v in enumerate(operands)}
+
+    def epilogue(op: str, rest: str) -> bool:  # the fp32 conversion and sums: computed below
+        return (op == "mov.b32" and (rest.startswith("{") or rest.split(",")[1].strip().startswith("f"))) or op in (
+            "cvt.f32.f16", "add.f32")
+
+    _run_ptx(asm, regs, epilogue)
     out = []
     for g in range(2):
-        lo, hi = halves(regs[f"a{g}"])
+        lo, hi = _halves(regs[f"a{g}"])
         out.append(float(np.float32(lo) + np.float32(hi)))
     return out
 
