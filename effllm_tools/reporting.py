@@ -10,6 +10,13 @@ T = TypeVar("T")
 log = logging.getLogger("effllm")
 
 
+def format_duration(seconds: float) -> str:
+    """A duration for log lines: seconds below 2 minutes, minutes below 2 hours, then hours."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 class Reporter:
     """Silent by default; the CLI passes one that draws rich progress bars on stderr."""
 

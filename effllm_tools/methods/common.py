@@ -20,6 +20,7 @@ from effllm_tools.pipeline import (
     make_fingerprint,
     run_layerwise,
 )
+from effllm_tools.reporting import format_duration
 
 RestoreLayer = Callable[[int, nn.Module, dict[str, torch.Tensor]], None]
 
@@ -68,14 +69,10 @@ def layer_progress(ctx: Any, total: int, label: str) -> Callable[[int, int], Non
             return
         elapsed = time.perf_counter() - since[0]
         left = elapsed / (done - since[1]) * (total - done)
-        ctx.reporter.progress_note(f"{label}: {done}/{total}, {_minutes(elapsed)} elapsed, "
-                                   f"about {_minutes(left)} left")
+        ctx.reporter.progress_note(f"{label}: {done}/{total}, {format_duration(elapsed)} elapsed, "
+                                   f"about {format_duration(left)} left")
 
     return report
-
-
-def _minutes(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def run_calibrated_layers(

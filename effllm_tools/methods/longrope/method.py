@@ -27,6 +27,7 @@ from effllm_tools.methods.longrope import rope
 from effllm_tools.methods.longrope.install import check_plain_rope, rotary_slots
 from effllm_tools.methods.longrope.search import SearchSettings
 from effllm_tools.registry import MethodSpec, StageResult, register_method
+from effllm_tools.reporting import format_duration
 
 
 @dataclass
@@ -221,11 +222,6 @@ def search_lengths(cfg: SearchConfig, original: int, target: int) -> list[int]:
     return [int(n) for n in lengths]
 
 
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else (f"{seconds / 60:.0f} min" if seconds < 7200 else
-                                                      f"{seconds / 3600:.1f} h")
-
-
 def _announce_cost(objective: Any, announce: Any) -> Any:
     """``objective`` that reports the time of its first call (the search's cost estimate, up front)."""
     first = [True]
@@ -259,24 +255,24 @@ def run_search(ctx: Any, cfg: SearchConfig, *, v2: bool) -> StageResult:
     base, dim = rope.rope_base_and_dim(ctx.model.config)
     mscale = rope.resolve_mscale(cfg.mscale, s, original)
     space, init, tcd = search_space(cfg, v2=v2, base=base, dim=dim, original=original, s=s)
-    length = search_lengths(cfg, original, target)
+    doc_lengths = search_lengths(cfg, original, target)
     if ctx.tokenizer is None:
         raise UnsupportedError("context-extension search needs the model's tokenizer to build documents")
     hay = load_haystack(ctx.tokenizer, cfg.dataset)
     ctx.model.to(ctx.device).eval()
-    objective, data_meta = make_objective(ctx.model, hay, kind="needle" if v2 else "ppl", length=length,
+    objective, data_meta = make_objective(ctx.model, hay, kind="needle" if v2 else "ppl", lengths=doc_lengths,
                                           samples=cfg.samples, needles=getattr(cfg, "needles", 0), mscale=mscale,
                                           seed=ctx.recipe.seed, device=ctx.device)
     state = ctx.state_dir / method / "search.json" if ctx.state_dir is not None else None
     budget = cfg.population + cfg.iterations * (cfg.mutations + cfg.crossovers)
     timed = _announce_cost(objective, lambda dt: ctx.reporter.info(
-        f"{method}: one candidate ({cfg.samples} documents of {'/'.join(map(str, length))} tokens) took {dt:.1f} s "
-        f"on {ctx.device}; the search evaluates at most {budget} candidates: up to {_duration(dt * budget)} "
+        f"{method}: one candidate ({cfg.samples} documents of {'/'.join(map(str, doc_lengths))} tokens) took {dt:.1f} s "
+        f"on {ctx.device}; the search evaluates at most {budget} candidates: up to {format_duration(dt * budget)} "
         f"(Ctrl-C and --resume continue it; smaller: --set {method}.population=... / iterations=...)"))
 
     def on_iteration(it: int, best: float, evaluations: int) -> None:
         ctx.reporter.info(f"{method}: iteration {it}/{cfg.iterations}, best objective {best:.4f} "
-                          f"(ppl {math.exp(best):.3f}), {evaluations} evaluations, {_duration(time.perf_counter() - t0)}")
+                          f"(ppl {math.exp(best):.3f}), {evaluations} evaluations, {format_duration(time.perf_counter() - t0)}")
 
     evo = Evolution(space, timed, cfg, ctx.recipe.seed, state, _fingerprint(ctx, cfg, method))
     t0 = time.perf_counter()
@@ -298,7 +294,7 @@ def run_search(ctx: Any, cfg: SearchConfig, *, v2: bool) -> StageResult:
         from effllm_tools.methods.longrope.finetune import mixed_window_finetune
 
         metrics.update(mixed_window_finetune(
-            ctx.model, hay, long_factors=result.factors, mscale=mscale, short_len=original, long_len=max(length),
+            ctx.model, hay, long_factors=result.factors, mscale=mscale, short_len=original, long_len=max(doc_lengths),
             tokens=cfg.finetune_tokens, lr=cfg.finetune_lr, short_fraction=cfg.finetune_short_fraction,
             seed=ctx.recipe.seed, device=ctx.device, reporter=ctx.reporter))
     ctx.model.to("cpu")

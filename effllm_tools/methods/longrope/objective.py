@@ -61,18 +61,17 @@ def document_nll(model: Any, docs: Sequence[torch.Tensor], device: Any) -> float
     return total / max(count, 1)
 
 
-def make_objective(model: Any, hay: Haystack, *, kind: str, length: int | Sequence[int], samples: int, needles: int,
+def make_objective(model: Any, hay: Haystack, *, kind: str, lengths: Sequence[int], samples: int, needles: int,
                    mscale: float, seed: int, device: Any) -> tuple[Callable[[list[float]], float], dict[str, Any]]:
     """``objective(factors)`` for the search, and a description of its documents for provenance.
 
-    ``length``: one document length, or several that the ``samples`` documents cycle through.
+    The ``samples`` documents cycle through ``lengths`` (one length or several).
     """
     rng = random.Random(seed)
-    cycle = [int(length)] if isinstance(length, int) else [int(n) for n in length]
-    lengths = [cycle[i % len(cycle)] for i in range(samples)]
-    shown: int | list[int] = cycle[0] if len(cycle) == 1 else lengths
+    per_doc = [int(lengths[i % len(lengths)]) for i in range(samples)]
+    shown: int | list[int] = per_doc[0] if len(lengths) == 1 else per_doc
     if kind == "needle":
-        ndocs = [needle_document(hay, n, needles, rng) for n in lengths]
+        ndocs = [needle_document(hay, n, needles, rng) for n in per_doc]
         meta = {"objective": "needle-driven answer NLL", "documents": samples, "length": shown,
                 "needles_per_document": needles, "answer_tokens": sum(len(d.answer_positions) for d in ndocs)}
 
@@ -80,7 +79,7 @@ def make_objective(model: Any, hay: Haystack, *, kind: str, length: int | Sequen
             with installed_rope(model, factors, mscale):
                 return answer_nll(model, ndocs, device)
     else:
-        pdocs = [long_document(hay, n, rng) for n in lengths]
+        pdocs = [long_document(hay, n, rng) for n in per_doc]
         meta = {"objective": "document NLL", "documents": samples, "length": shown}
 
         def objective(factors: list[float]) -> float:
