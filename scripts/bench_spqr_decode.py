@@ -10,9 +10,10 @@ weights are freed. Both run through transformers ``generate`` (greedy, a fixed n
 tokens): ``compiled`` = static cache, which makes ``generate`` torch.compile the decode step
 (mode reduce-overhead: CUDA graphs), and ``eager`` = the default dynamic cache. Reports tokens/s
 (new tokens / wall time of the timed generate call, prefill of the short prompt included; the
-first call, with compilation, is a warm-up), the weights' memory and the peak memory.
+first call, with compilation, is a warm-up), the median time of one decode step (from per-step
+timestamps: without the prefill and ``generate``'s set-up), the weights' memory and the peak memory.
 
-    python scripts/bench_spqr_decode.py [--new-tokens 128] [--modes eager,compiled] [--layers 32]
+    python scripts/bench_spqr_decode.py [--new-tokens 128] [--modes eager,compiled] [--layers 32] [--profile]
 """
 
 from __future__ import annotations
@@ -63,19 +64,39 @@ def to_spqr(model: nn.Module, outliers: float) -> int:
     return swapped
 
 
-def timed_generate(model: nn.Module, ids: torch.Tensor, new: int, mode: str) -> float:
+class StepClock(transformers.LogitsProcessor):
+    """Records the time of every generation step (after a device synchronisation: ``generate`` syncs
+    each step anyway to check its stopping criteria), so decode steps are timed without the prefill."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return scores
+
+    def step_ms(self) -> float:
+        """Median interval between consecutive steps (the first one, after the prefill, excluded)."""
+        gaps = sorted(b - a for a, b in zip(self.times[1:], self.times[2:]))
+        return 1000 * gaps[len(gaps) // 2]
+
+
+def timed_generate(model: nn.Module, ids: torch.Tensor, new: int, mode: str) -> tuple[float, float]:
+    """(tokens/s of the whole generate call, median ms of one decode step)."""
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
     if mode == "compiled":
         kw["cache_implementation"] = "static"
     model.generate(ids, **kw)  # warm-up (compilation and graph capture for "compiled")
     if mode == "compiled":
         model.generate(ids, **kw)
+    clock = StepClock()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out = model.generate(ids, **kw)
+    out = model.generate(ids, logits_processor=transformers.LogitsProcessorList([clock]), **kw)
     torch.cuda.synchronize()
     assert out.shape[1] == ids.shape[1] + new
-    return new / (time.perf_counter() - t0)
+    return new / (time.perf_counter() - t0), clock.step_ms()
 
 
 def run(model: nn.Module, label: str, args: argparse.Namespace, rows: list[str]) -> None:
@@ -83,10 +104,26 @@ def run(model: nn.Module, label: str, args: argparse.Namespace, rows: list[str])
     ids = torch.randint(0, 128256, (1, args.prompt), device="cuda")
     for mode in args.modes.split(","):
         torch.cuda.reset_peak_memory_stats()
-        tps = timed_generate(model, ids, args.new_tokens if mode == "compiled" else args.eager_tokens, mode)
+        tps, step = timed_generate(model, ids, args.new_tokens if mode == "compiled" else args.eager_tokens, mode)
         peak = torch.cuda.max_memory_allocated() / 2**30
-        rows.append(f"| {label} | {mode} | {tps:.1f} | {1000 / tps:.2f} | {weights:.2f} | {peak:.2f} |")
+        rows.append(f"| {label} | {mode} | {tps:.1f} | {step:.2f} | {1000 / step:.1f} | {weights:.2f} | {peak:.2f} |")
         print(rows[-1], flush=True)
+        if args.profile and mode == "compiled":
+            profile(model, ids, label)
+
+
+def profile(model: nn.Module, ids: torch.Tensor, label: str) -> None:
+    """GPU time per kernel over 8 compiled decode steps (graph replays included), top 12: where a
+    decode step goes beyond the linears."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    kw = dict(max_new_tokens=9, min_new_tokens=9, do_sample=False, cache_implementation="static")
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model.generate(ids, **kw)
+        torch.cuda.synchronize()
+    print(f"\n{label}: GPU time over one generate of 9 tokens (prefill + 8 decode steps)", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60), flush=True)
 
 
 def main() -> None:
@@ -97,6 +134,7 @@ def main() -> None:
     ap.add_argument("--eager-tokens", type=int, default=32)
     ap.add_argument("--modes", default="eager,compiled")
     ap.add_argument("--outliers", type=float, default=0.01)
+    ap.add_argument("--profile", action="store_true", help="print GPU time per kernel of a compiled generate")
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
     head = (f"- GPU: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton "
@@ -114,8 +152,8 @@ def main() -> None:
     torch._dynamo.reset()
     n = to_spqr(model, args.outliers)
     run(model, f"SpQR 3/3/16/16, {args.outliers:.0%} outliers ({n} linears)", args, rows)
-    text = head + "\n| model | generate | tokens/s | ms/token | memory after load GiB | peak GiB |\n" \
-        "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    text = head + "\n| model | generate | tokens/s (whole call) | decode step ms (median) | decode steps/s | " \
+        "memory after load GiB | peak GiB |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
     print("\n" + text)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "bench_spqr_decode.md"), "w") as f:

@@ -75,7 +75,11 @@ GEMV_CANDIDATES = [(128, 2, 2, 2), (128, 2, 2, 3), (128, 2, 2, 4), (128, 1, 1, 2
                    (256, 2, 4, 2)]
 #: fp16x2 GEMV candidates (block_n, units, num_warps, rows per thread, prefetch depth, outliers first, unroll).
 GEMV16_CANDIDATES = [(256, 2, 4, 4, 2, False, 1), (256, 2, 4, 4, 1, False, 1), (256, 2, 4, 4, 2, True, 1),
-                     (128, 4, 4, 4, 2, False, 1), (256, 2, 4, 4, 1, False, 2)]
+                     (128, 4, 4, 4, 2, False, 1), (256, 2, 4, 4, 1, False, 2),
+                     # fewer rows per program: narrow layers (k/v projections, 1024 x 4096) get more programs
+                     (128, 2, 2, 4, 2, True, 1), (64, 2, 1, 4, 2, True, 1), (128, 4, 4, 4, 2, True, 1),
+                     # the 03:31 round's best on 14336 x 4096 (20.8 us, an earlier revision of the kernel)
+                     (512, 1, 4, 4, 1, False, 1), (256, 2, 4, 4, 1, True, 1)]
 MMA_CANDIDATES = [(128, 2, 4, 3), (128, 2, 4, 2), (256, 2, 8, 2), (128, 4, 4, 3), (64, 2, 4, 3), (256, 2, 8, 3)]
 #: fp16 tensor-core candidates (kernels/spqr/triton_mma16.py; bf16 / fp16 activations, 2-4 bits, groups of 16):
 #: (block_n, units, num_warps, num_stages, rows per thread, prefetch depth, x cast on the host).

@@ -16,9 +16,11 @@ from effllm_kernels.spqr.repack import SpqrKernelTensors, repack
 from effllm_kernels.spqr.scratch import x_scratch
 
 #: Largest M served by the GEMV kernel (one pass per activation row); above it the tensor-core kernel.
-#: H200 (2026-11-29): GEMV 15-30 us at M = 1, tensor cores 31-85 us at M = 16 on the Llama shapes,
-#: so the GEMV stays ahead while M * t(M=1) < t(mma); M = 2..3 is extrapolated, not measured.
+#: H200 (2026-11-29 06:04, table in BENCHMARKS.md): at M = 3 the GEMV takes 17.8 / 53.0 / 61.7 us on
+#: 4096x4096 / 14336x4096 / 4096x14336, the fp16 tensor-core kernel at M = 4 29.5 / 57.9 / 56.5 us.
 GEMV_MAX_M = 3
+#: In-features from which the fp16x2 GEMV takes the long-K configuration (pick_config).
+LONG_K = 8192
 #: The bits of fp32 1.0, a kernel argument (not a literal) so that ptxas keeps it in a register.
 ONE_BITS = 0x3F800000
 #: Outlier slots per row and step of the outlier loop, as elements of the [BN, R(, BM)] tile per thread.
@@ -32,8 +34,8 @@ class KernelConfig:
     ``host_perm`` (GEMV): gather x through the permutation once per call on the host side (one
     small extra launch) instead of in every program; the tensor-core kernel always does.
     ``gemv16`` is the fp16x2 GEMV (:mod:`.triton_gemv16`; :func:`gemv16_unsupported_reason`), ``mma16``
-    the fp16 tensor-core kernel with the pair decode (:mod:`.triton_mma16`; :func:`mma16_unsupported_reason`;
-    a sweep candidate, not the heuristic's choice yet).
+    the fp16 tensor-core kernel with the pair decode (:mod:`.triton_mma16`; :func:`mma16_unsupported_reason`),
+    ``mma`` the older tensor-core kernel (bf16 dequantization, any format and activation dtype).
     """
 
     path: str  # "gemv16", "gemv", "mma" or "mma16"
@@ -71,13 +73,19 @@ def _split_for(programs: int, n_steps: int, target: int, cap: int) -> int:
     return max(1, min(-(-target // programs), cap, n_steps // 2))
 
 
-def with_split(cfg: KernelConfig, m: int, t: SpqrTensors | SpqrKernelTensors, device: torch.device) -> KernelConfig:
-    """``cfg`` with the K split that brings its programs near the occupancy target of its path."""
+def with_split(cfg: KernelConfig, m: int, t: SpqrTensors | SpqrKernelTensors, device: torch.device,
+               per_sm: float | None = None, cap: int = 32) -> KernelConfig:
+    """``cfg`` with the K split (at most ``cap``) that brings its programs near ``per_sm`` programs per
+    SM (default: the occupancy target of its path)."""
     n_units = -(-t.in_features // 32)
     gemv = cfg.path.startswith("gemv")
     programs = -(-t.out_features // cfg.block_n) * (m if gemv else -(-m // cfg.block_m))
-    target = {"gemv16": 3, "gemv": 8}.get(cfg.path, 4) * _sm_count(device)
-    return replace(cfg, split_k=_split_for(programs, -(-n_units // cfg.units), target, 32))
+    if per_sm is None:
+        per_sm = {"gemv16": 3, "gemv": 8}.get(cfg.path, 4)
+    if cfg.path == "mma16" and cfg.block_m > 16:  # the sweep at BM = 64: split 2 (14336 x 4096), 8 (N = 4096)
+        per_sm = 1.5
+    target = int(per_sm * _sm_count(device))
+    return replace(cfg, split_k=_split_for(programs, -(-n_units // cfg.units), target, cap))
 
 
 def pick_config(m: int, t: SpqrTensors | SpqrKernelTensors, device: torch.device,
@@ -86,21 +94,30 @@ def pick_config(m: int, t: SpqrTensors | SpqrKernelTensors, device: torch.device
 
     From ``scripts/bench_spqr_matmul.py --sweep`` on the H200 (2026-11-29; 3-bit codes and
     statistics, 16/16 groups; 4096x4096, 14336x4096, 4096x14336). The fp16x2 GEMV (bf16 activations,
-    2-4 bits, groups of 16): 256 rows x 2 units on 4 warps, loads two steps ahead, outliers before
-    the K loop, K split to ~3 programs per SM; the sweep's winners were within ~0.5 us of it or of
-    each other (4096x4096: 10.5 us at split 25; 14336x4096: 21.8 us at split 8, split 16 and 4
-    were 15-20% slower; two rounds, the second with the split-K reduction as one wide load). The
-    fp32 GEMV (other formats and activation dtypes): many small programs (128 rows x 2 units on 2
-    warps, K split to ~8 programs per SM). The tensor-core kernel: 128 rows x 2 units on 4 warps,
-    3 stages, split to ~4 programs per SM, for M = 16 and 64 (within ~20% of the best candidate of
-    every case; the splits between the measured ones are interpolated).
+    2-4 bits, groups of 16): 256 rows x 2 units on 4 warps; K = 4096: loads one step ahead, the K loop
+    unrolled by two, K split to ~3 programs per SM (06:05 sweep: 20.3 us on 14336x4096 against 26.9 us
+    for prefetch 2 with the outliers first; 4096x4096 10.5-11.0 us, a tie); K >= LONG_K: loads two steps ahead,
+    outliers before the K loop, ~6 programs per SM (4096x14336: 24.9 us at split 50 against 26.8 us at
+    split 25; the 4-bit layer was 2.6 us slower there, 31.3 us). The fp32 GEMV (other formats and
+    activation dtypes): many small programs (128 rows x 2 units on 2 warps, K split to ~8 programs per SM). Above GEMV_MAX_M the fp16 tensor-core kernel (bf16 / fp16
+    activations, 2-4 bits, groups of 16): 128 rows x 2 units on 4 warps, 1 stage, loads one step
+    ahead, x cast on the host; K split to ~4 programs per SM at BM = 16 and ~1.5 above (05:50 UTC
+    sweep: the best candidate of all six M = 16 / 64 cases, or within 5% of it; 1.2-1.45x faster than
+    the older tensor-core kernel, which serves the other formats and fp32 activations: 128 rows x 2
+    units on 4 warps, 3 stages, split to ~4 programs per SM).
     """
     if m <= GEMV_MAX_M and gemv16_unsupported_reason(dtype, t) is None:
-        cfg = KernelConfig("gemv16", 1, 256, 2, num_warps=4, num_stages=1, prefetch=2, outliers_first=True)
+        if t.in_features >= LONG_K:  # 4096 x 14336: twice the programs, loads two steps ahead
+            cfg = KernelConfig("gemv16", 1, 256, 2, num_warps=4, num_stages=1, prefetch=2, outliers_first=True)
+            return with_split(cfg, m, t, device, per_sm=6, cap=64)
+        cfg = KernelConfig("gemv16", 1, 256, 2, num_warps=4, num_stages=1, prefetch=1, unroll=2)
         return with_split(cfg, m, t, device)
     if m <= GEMV_MAX_M:
         return with_split(KernelConfig("gemv", 1, 128, 2, num_warps=2, num_stages=2), m, t, device)
     bm = min(64, max(16, _pow2(m)))
+    if mma16_unsupported_reason(dtype, t, 4, bm) is None:
+        cfg = KernelConfig("mma16", bm, 128, 2, num_warps=4, num_stages=1, rows=4, prefetch=1, host_cast=True)
+        return with_split(cfg, m, t, device)
     return with_split(KernelConfig("mma", bm, 128, 2, num_warps=4, num_stages=3), m, t, device)
 
 

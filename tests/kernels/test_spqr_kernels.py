@@ -128,7 +128,7 @@ def test_fp16x2_gemv_is_the_default_for_bf16_decode_only() -> None:
     t = random_spqr_tensors(64, 256, seed=1, device="cpu")
     assert pick_config(1, t, torch.device("cpu"), torch.bfloat16).path == "gemv16"
     assert pick_config(1, t, torch.device("cpu"), torch.float16).path == "gemv"
-    assert pick_config(16, t, torch.device("cpu"), torch.bfloat16).path == "mma"
+    assert pick_config(16, t, torch.device("cpu"), torch.bfloat16).path == "mma16"
     assert "groups of 64" in gemv16_unsupported_reason(torch.bfloat16, random_spqr_tensors(16, 128, 4, 64, seed=2))
     assert "5-bit" in gemv16_unsupported_reason(torch.bfloat16, random_spqr_tensors(16, 128, 5, 16, seed=2))
 
@@ -159,11 +159,17 @@ def test_fp16_mma_matches_reference(case: int) -> None:
     assert_close_to_reference(run_kernel(x, repack(t), bias, cfg), x, t, bias)
 
 
-def test_fp16_mma_is_a_candidate_not_the_default() -> None:
-    from effllm_kernels.spqr.launch import KernelConfig, mma16_unsupported_reason, pick_config
+def test_fp16_mma_is_the_default_above_the_gemv_for_16bit_activations() -> None:
+    from effllm_kernels.spqr.launch import GEMV_MAX_M, KernelConfig, mma16_unsupported_reason, pick_config
 
     t = random_spqr_tensors(64, 256, seed=1, device="cpu")
-    assert pick_config(16, t, torch.device("cpu"), torch.bfloat16).path == "mma"
+    cpu = torch.device("cpu")
+    for m, bm in ((GEMV_MAX_M + 1, 16), (16, 16), (33, 64), (500, 64)):
+        for dtype in (torch.bfloat16, torch.float16):
+            cfg = pick_config(m, t, cpu, dtype)
+            assert (cfg.path, cfg.block_m, cfg.host_cast) == ("mma16", bm, True), (m, dtype, cfg)
+        assert pick_config(m, t, cpu, torch.float32).path == "mma"  # fp32 activations: the older kernel
+    assert pick_config(16, random_spqr_tensors(64, 256, 3, 32, seed=2), cpu, torch.bfloat16).path == "mma"
     assert mma16_unsupported_reason(torch.bfloat16, t) is None
     assert mma16_unsupported_reason(torch.float16, t) is None
     assert "float32" in mma16_unsupported_reason(torch.float32, t)
