@@ -172,6 +172,50 @@ def _slots(cfg: KernelConfig) -> int:
     return max(1, min(64, _pow2(-(-OUTLIER_ELEMS_PER_THREAD * 32 * cfg.num_warps // per_slot))))
 
 
+def _grid(cfg: KernelConfig, m: int, k: int, n: int) -> tuple[int, int, int, int]:
+    """(K-loop steps per split, K splits without the empty ones, row blocks, activation blocks)."""
+    n_units = -(-k // 32)
+    steps = -(-n_units // cfg.units)
+    steps_per_split = -(-steps // cfg.split_k)
+    split = -(-steps // steps_per_split)  # drop empty splits
+    m_blocks = -(-m // cfg.block_m) if cfg.path.startswith("mma") else m
+    return steps_per_split, split, -(-n // cfg.block_n), m_blocks
+
+
+def split_k_need(meta: dict[str, int], device: torch.device) -> tuple[int, int]:
+    """:func:`_split_k_need` memoised per layer shape and format (every layer of a model calls it)."""
+    return _split_k_need(tuple(sorted(meta.items())), torch.device(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _split_k_need(meta_items: tuple, device: torch.device) -> tuple[int, int]:
+    """(fp32 workspace elements, arrival counters) that the heuristic's split-K launches of one layer
+    need at any M (bf16 / fp16 / fp32 activations): what :func:`effllm_kernels.spqr.scratch.reserve`
+    allocates at load time, so that no call grows the buffers inside CUDA-graph capture.
+
+    The split depends on M only through the activation blocks, so ``split * M`` peaks at the last M of
+    each block count: M = 1..GEMV_MAX_M (the GEMVs), 16, 32, then every multiple of 64 until the
+    programs alone reach the occupancy target (split 1 from there on)."""
+    ws, tiles = 0, 0
+    meta = dict(meta_items)
+    t = SimpleNamespace(**meta)
+    k, n = meta["in_features"], meta["out_features"]
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        ms = [*range(1, GEMV_MAX_M + 1), 16, 32]
+        j = 1
+        while True:
+            ms.append(64 * j)
+            _, split, _, _ = _grid(pick_config(64 * j, t, device, dtype), 64 * j, k, n)  # type: ignore[arg-type]
+            if split == 1:
+                break
+            j += 1
+        for m in ms:
+            _, split, n_blocks, m_blocks = _grid(pick_config(m, t, device, dtype), m, k, n)  # type: ignore[arg-type]
+            if split > 1:
+                ws, tiles = max(ws, split * m * n), max(tiles, n_blocks * m_blocks)
+    return ws, tiles
+
+
 def spqr_matmul_triton(
     x: torch.Tensor,
     t: SpqrTensors | SpqrKernelTensors,
@@ -219,11 +263,7 @@ def spqr_matmul_triton(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     n_units = -(-k // 32)
-    steps = -(-n_units // cfg.units)
-    steps_per_split = -(-steps // cfg.split_k)
-    split = -(-steps // steps_per_split)  # drop empty splits
-    n_blocks = -(-n // cfg.block_n)
-    m_blocks = -(-m // cfg.block_m) if mma else m
+    steps_per_split, split, n_blocks, m_blocks = _grid(cfg, m, k, n)
     if split > 1:
         ws, cnt = SCRATCH.get(x.device, split * m * n, n_blocks * m_blocks)
     else:

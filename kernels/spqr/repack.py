@@ -143,7 +143,7 @@ def repack_field(name: str, value: torch.Tensor | None, meta: dict[str, int]) ->
     if value is None:
         return None
     if name == "qweight":
-        reserve(value.device, meta["in_features"], meta["out_features"])  # scratch: eager, at load time
+        reserve(value.device, meta)  # scratch: eager, at load time
         return repack_qweight(value, meta["in_features"], meta["bits"])
     if name in ("scale_q", "zero_q"):
         return value.t().contiguous()

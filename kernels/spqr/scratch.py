@@ -6,7 +6,8 @@ between calls and only grow. A buffer first allocated inside torch.compile's CUD
 lands in the graph's memory pool, which cudagraph trees reject ("tensor(s) in the cudagraph pool
 not tracked as outputs"; seen in the decode benchmark, where M = 1 calls happen only in the
 compiled decode step): so :func:`reserve` allocates them for a layer when its kernel layout is
-built (:func:`effllm_kernels.spqr.repack.repack_field`, eager, at load time). Torch only; the
+built (:func:`effllm_kernels.spqr.repack.repack_field`, eager, at load time), sized by the launch
+heuristic for every batch size (a compiled batch-64 decode step splits K too). Torch only; the
 split-K part imports triton lazily and is skipped where triton is missing.
 """
 
@@ -14,10 +15,8 @@ from __future__ import annotations
 
 import torch
 
-#: Activation rows the load-time reservation covers (the GEMVs take M <= 3).
+#: Activation rows the load-time reservation of the GEMV's activation scratch covers (the GEMVs take M <= 3).
 RESERVE_ROWS = 4
-#: K splits the load-time reservation of the split-K workspace covers (the sweep goes up to 64).
-RESERVE_SPLITS = 64
 
 _X_SCRATCH: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -36,17 +35,21 @@ def x_scratch(device: torch.device, units: int) -> tuple[torch.Tensor, torch.Ten
     return xs, sx
 
 
-def reserve(device: torch.device, in_features: int, out_features: int) -> None:
-    """Allocate now what decode-sized calls (M <= RESERVE_ROWS) of an N x K layer will need."""
+def reserve(device: torch.device, meta: dict[str, int]) -> None:
+    """Allocate now what any call of the layer with integer fields ``meta`` (in_features, out_features,
+    bits, ...) will need: the GEMV's activation scratch for M <= RESERVE_ROWS, and the split-K
+    workspace and counters of the launch heuristic at every M (``launch.split_k_need``)."""
     device = torch.device(device)
     if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return
-    x_scratch(device, RESERVE_ROWS * -(-in_features // 32))
+    x_scratch(device, RESERVE_ROWS * -(-meta["in_features"] // 32))
     try:
+        from effllm_kernels.spqr.launch import split_k_need
         from effllm_kernels.splitk import SCRATCH
     except ImportError:  # no triton: no kernels either
         return
-    SCRATCH.get(device, RESERVE_SPLITS * RESERVE_ROWS * out_features, RESERVE_ROWS * max(1, out_features // 16))
+    ws, tiles = split_k_need(meta, device)
+    SCRATCH.get(device, ws, tiles)
 
 
 def clear() -> None:

@@ -389,22 +389,48 @@ def test_cuda_graph_replay_and_compile_on_gpu() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_compiled_decode_step_without_eager_warmup_on_gpu() -> None:
-    """An M = 1 call first seen inside torch.compile's CUDA-graph warm-up (a compiled decode step) must
-    not allocate there (cudagraph trees reject tensors left in their pool): the repack reserved the
-    activation scratch and the split-K workspace at load time."""
+@pytest.mark.parametrize("n,k,m", [(14336, 4096, 1), (4096, 4096, 64)])
+def test_compiled_decode_step_without_eager_warmup_on_gpu(n: int, k: int, m: int) -> None:
+    """A call first seen inside torch.compile's CUDA-graph warm-up (a compiled decode step, batch 1 or
+    64) must not allocate there (cudagraph trees reject tensors left in their pool): the repack
+    reserved the activation scratch and the split-K workspace at load time."""
     from effllm_kernels import splitk
     from effllm_kernels.spqr import scratch
 
     scratch.clear()
     splitk.SCRATCH.ws.clear()
     splitk.SCRATCH.cnt.clear()
-    t = repack(random_spqr_tensors(14336, 4096, seed=13, device="cuda"))
-    x = torch.randn(1, 4096, device="cuda").bfloat16()
+    t = repack(random_spqr_tensors(n, k, seed=13, device="cuda"))
+    x = torch.randn(m, k, device="cuda").bfloat16()
     compiled = torch.compile(lambda a: spqr_linear(a, t), fullgraph=True, mode="reduce-overhead")
     for _ in range(3):
         out = compiled(x)
     assert_close_to_reference(out.clone(), x, unpack(t))
+
+
+@pytest.mark.parametrize("sms", [4, 132])
+def test_load_time_reservation_covers_every_batch_size(sms: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """launch.split_k_need (what scratch.reserve allocates when a layer is repacked) is at least the
+    workspace and the counters of the heuristic's launch at every M and activation dtype."""
+    from effllm_kernels.spqr import launch
+
+    monkeypatch.setattr(launch, "_sm_count", lambda device: sms)
+    launch._cached_config.cache_clear()
+    launch._split_k_need.cache_clear()
+    try:
+        for n, k, bits, sg in ((4096, 4096, 3, 16), (14336, 4096, 3, 16), (4096, 14336, 4, 16), (1024, 4096, 2, 16),
+                               (40, 200, 3, 8), (4096, 4096, 5, 16)):
+            meta = random_spqr_tensors(16, 64, bits, 16, 3, sg, seed=1).meta() | {"in_features": k, "out_features": n}
+            ws, tiles = launch.split_k_need(meta, torch.device("cuda"))
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                for m in [*range(1, 300), 511, 777, 1500, 3000, 5000]:
+                    cfg = launch._cached_config(m, tuple(meta.items()), torch.device("cuda"), dtype)
+                    _, split, n_blocks, m_blocks = launch._grid(cfg, m, k, n)
+                    if split > 1:
+                        assert split * m * n <= ws and n_blocks * m_blocks <= tiles, (n, k, bits, m, dtype, cfg)
+    finally:
+        launch._cached_config.cache_clear()
+        launch._split_k_need.cache_clear()
 
 
 def test_module_repacks_in_place_and_still_saves_the_stored_format(monkeypatch: pytest.MonkeyPatch) -> None:
