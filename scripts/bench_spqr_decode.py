@@ -78,7 +78,7 @@ class StepClock(transformers.LogitsProcessor):
 
     def step_ms(self) -> float:
         """Median interval between consecutive steps (the first one, after the prefill, excluded)."""
-        gaps = sorted(b - a for a, b in zip(self.times[1:], self.times[2:]))
+        gaps = sorted(b - a for a, b in zip(self.times[1:], self.times[2:], strict=False))
         return 1000 * gaps[len(gaps) // 2]
 
 

@@ -44,8 +44,8 @@ def reserve(device: torch.device, meta: dict[str, int]) -> None:
         return
     x_scratch(device, RESERVE_ROWS * -(-meta["in_features"] // 32))
     try:
-        from effllm_kernels.spqr.launch import split_k_need
         from effllm_kernels.splitk import SCRATCH
+        from effllm_kernels.spqr.launch import split_k_need
     except ImportError:  # no triton: no kernels either
         return
     ws, tiles = split_k_need(meta, device)
