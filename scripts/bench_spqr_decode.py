@@ -22,6 +22,7 @@ import argparse
 import datetime
 import os
 import platform
+import statistics
 import time
 
 import torch
@@ -77,9 +78,10 @@ class StepClock(transformers.LogitsProcessor):
         return scores
 
     def step_ms(self) -> float:
-        """Median interval between consecutive steps (the first one, after the prefill, excluded)."""
-        gaps = sorted(b - a for a, b in zip(self.times[1:], self.times[2:], strict=False))
-        return 1000 * gaps[len(gaps) // 2]
+        """Median interval between consecutive calls: N new tokens give N timestamps (the first right
+        after the prefill) and N - 1 decode steps; NaN for fewer than two tokens."""
+        gaps = [b - a for a, b in zip(self.times, self.times[1:], strict=False)]
+        return 1000 * statistics.median(gaps) if gaps else float("nan")
 
 
 def timed_generate(model: nn.Module, ids: torch.Tensor, new: int, mode: str) -> tuple[float, float]:

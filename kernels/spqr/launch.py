@@ -16,8 +16,9 @@ from effllm_kernels.spqr.repack import SpqrKernelTensors, repack
 from effllm_kernels.spqr.scratch import x_scratch
 
 #: Largest M served by the GEMV kernel (one pass per activation row); above it the tensor-core kernel.
-#: H200 (2026-11-29 06:04, table in BENCHMARKS.md): at M = 3 the GEMV takes 17.8 / 53.0 / 61.7 us on
-#: 4096x4096 / 14336x4096 / 4096x14336, the fp16 tensor-core kernel at M = 4 29.5 / 57.9 / 56.5 us.
+#: H200 (2026-11-29 06:04, table in BENCHMARKS.md; the GEMV's configuration before the 06:05 re-tune):
+#: at M = 3 the GEMV takes 17.8 / 53.0 / 61.7 us on 4096x4096 / 14336x4096 / 4096x14336, the fp16
+#: tensor-core kernel at M = 4 29.5 / 57.9 / 56.5 us (ahead only on 4096x14336).
 GEMV_MAX_M = 3
 #: In-features from which the fp16x2 GEMV takes the long-K configuration (pick_config).
 LONG_K = 8192
@@ -82,7 +83,7 @@ def with_split(cfg: KernelConfig, m: int, t: SpqrTensors | SpqrKernelTensors, de
     programs = -(-t.out_features // cfg.block_n) * (m if gemv else -(-m // cfg.block_m))
     if per_sm is None:
         per_sm = {"gemv16": 3, "gemv": 8}.get(cfg.path, 4)
-    if cfg.path == "mma16" and cfg.block_m > 16:  # the sweep at BM = 64: split 2 (14336 x 4096), 8 (N = 4096)
+    if cfg.path == "mma16" and cfg.block_m > 16:  # the sweep at BM = 64: split 2 (14336 x 4096), 7-8 (N = 4096)
         per_sm = 1.5
     target = int(per_sm * _sm_count(device))
     return replace(cfg, split_k=_split_for(programs, -(-n_units // cfg.units), target, cap))
@@ -94,15 +95,16 @@ def pick_config(m: int, t: SpqrTensors | SpqrKernelTensors, device: torch.device
 
     From ``scripts/bench_spqr_matmul.py --sweep`` on the H200 (2026-11-29; 3-bit codes and
     statistics, 16/16 groups; 4096x4096, 14336x4096, 4096x14336). The fp16x2 GEMV (bf16 activations,
-    2-4 bits, groups of 16): 256 rows x 2 units on 4 warps; K = 4096: loads one step ahead, the K loop
+    2-4 bits, groups of 16): 256 rows x 2 units on 4 warps; K < LONG_K: loads one step ahead, the K loop
     unrolled by two, K split to ~3 programs per SM (06:05 sweep: 20.3 us on 14336x4096 against 26.9 us
     for prefetch 2 with the outliers first; 4096x4096 10.5-11.0 us, a tie); K >= LONG_K: loads two steps ahead,
-    outliers before the K loop, ~6 programs per SM (4096x14336: 24.9 us at split 50 against 26.8 us at
-    split 25; the 4-bit layer was 2.6 us slower there, 31.3 us). The fp32 GEMV (other formats and
+    outliers before the K loop, ~6 programs per SM (4096x14336: 24.9 us at split 50, 45 after empty
+    splits are dropped, against 26.8 us at split 25; the 4-bit layer was 2.6 us slower there, 31.3 us). The fp32 GEMV (other formats and
     activation dtypes): many small programs (128 rows x 2 units on 2 warps, K split to ~8 programs per SM). Above GEMV_MAX_M the fp16 tensor-core kernel (bf16 / fp16
-    activations, 2-4 bits, groups of 16): 128 rows x 2 units on 4 warps, 1 stage, loads one step
-    ahead, x cast on the host; K split to ~4 programs per SM at BM = 16 and ~1.5 above (05:50 UTC
-    sweep: the best candidate of all six M = 16 / 64 cases, or within 5% of it; 1.2-1.45x faster than
+    activations, 2-4 bits, groups of 16, statistics blocks of a multiple of 4 rows or fp16 statistics):
+    128 rows x 2 units on 4 warps, 1 stage, loads one step ahead, x cast on the host; K split to ~4
+    programs per SM at BM = 16 and ~1.5 above (05:50 UTC sweep: the best candidate of all six M = 16 /
+    64 cases, or within 5% of it; BM = 32 was not swept; 1.2-1.45x faster than
     the older tensor-core kernel, which serves the other formats and fp32 activations: 128 rows x 2
     units on 4 warps, 3 stages, split to ~4 programs per SM).
     """

@@ -11,6 +11,7 @@ most twice the error of torch doing the same math in the activation dtype (fp32:
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -145,10 +146,12 @@ def _mma16_cases() -> list:
         (5, 40, 100, 2, 3, 16, False, 0.0, KernelConfig("mma16", 16, 32, 1, 3, 4, 1, prefetch=0), torch.float16),
         (17, 24, 200, 4, 16, 16, True, 0.03, KernelConfig("mma16", 16, 16, 2, 2, 4, 1, rows=2, host_cast=True), torch.bfloat16),
         (3, 36, 544, 3, 4, 8, True, 0.02, KernelConfig("mma16", 16, 32, 2, 2, 4, 1, rows=4), torch.float16),
+        (24, 40, 200, 3, 3, 16, True, 0.03, KernelConfig("mma16", 32, 16, 2, 2, 4, 1, rows=4, host_cast=True),
+         torch.bfloat16),  # a tile of 32 activation rows (the heuristic's for M = 17..32)
     ]
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_fp16_mma_matches_reference(case: int) -> None:
     m, n, k, bits, sb, sg, permute, density, cfg, dtype = _mma16_cases()[case]
     t = random_spqr_tensors(n, k, bits, 16, sb, sg, outlier_density=density, permute=permute, seed=200 + case,
@@ -354,18 +357,18 @@ def test_real_shapes_on_gpu(shape: tuple, m: int) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "{}x{}".format(*s))
-@pytest.mark.parametrize("m", [2, 16, 64])
+@pytest.mark.parametrize("m", [2, 16, 24, 64])
 def test_fp16_mma_real_shapes_on_gpu(shape: tuple, m: int) -> None:
-    """The fp16 tensor-core kernel (a sweep candidate) at the real shapes: 2/3/4 bits, fp16 and bf16, x cast
-    in the kernel (M = 16) and on the host (M = 2, 64)."""
+    """The fp16 tensor-core kernel (the default above M = 3) at the real shapes: 2/3/4 bits, fp16 and bf16,
+    x cast in the kernel (M = 16) and on the host (M = 2, 24, 64), tiles of 16, 32 and 64 activation rows."""
     from effllm_kernels.spqr.launch import KernelConfig, with_split
 
     n, k = shape
     for bits, sb, dtype in [(3, 3, torch.bfloat16), (4, 16, torch.float16), (2, 3, torch.bfloat16)]:
         t = random_spqr_tensors(n, k, bits, 16, sb, 16, outlier_density=0.01, seed=n + k + m, device="cuda")
         x = torch.randn(m, k, device="cuda").to(dtype)
-        cfg = with_split(KernelConfig("mma16", 16 if m <= 16 else 64, 128, 2, 1, 4, 1, host_cast=m != 16), m, t,
-                         x.device)
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+        cfg = with_split(KernelConfig("mma16", bm, 128, 2, 1, 4, 1, host_cast=m != 16), m, t, x.device)
         assert_close_to_reference(run_kernel(x, repack(t), None, cfg), x, t)
 
 
@@ -422,12 +425,15 @@ def test_load_time_reservation_covers_every_batch_size(sms: int, monkeypatch: py
                                (40, 200, 3, 8), (4096, 4096, 5, 16)):
             meta = random_spqr_tensors(16, 64, bits, 16, 3, sg, seed=1).meta() | {"in_features": k, "out_features": n}
             ws, tiles = launch.split_k_need(meta, torch.device("cuda"))
+            t = SimpleNamespace(**meta)
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
-                for m in [*range(1, 300), 511, 777, 1500, 3000, 5000]:
-                    cfg = launch._cached_config(m, tuple(meta.items()), torch.device("cuda"), dtype)
-                    _, split, n_blocks, m_blocks = launch._grid(cfg, m, k, n)
-                    if split > 1:
-                        assert split * m * n <= ws and n_blocks * m_blocks <= tiles, (n, k, bits, m, dtype, cfg)
+                m, last_split = 0, 2
+                while m < 64 or last_split > 1:  # every M until the programs alone fill the GPU
+                    m += 1
+                    cfg = launch.pick_config(m, t, torch.device("cuda"), dtype)
+                    _, last_split, n_blocks, m_blocks = launch._grid(cfg, m, k, n)
+                    if last_split > 1:
+                        assert m * n * last_split <= ws and n_blocks * m_blocks <= tiles, (n, k, bits, m, dtype, cfg)
     finally:
         launch._cached_config.cache_clear()
         launch._split_k_need.cache_clear()
