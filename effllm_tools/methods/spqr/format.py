@@ -27,6 +27,7 @@ from effllm_kernels.packing import packed_words
 from effllm_kernels.spqr.layout import FORMAT_VERSION, STAT_FP16, SpqrTensors
 from effllm_kernels.spqr.reference import dequantize, spqr_linear_reference
 from effllm_kernels.spqr.repack import SpqrKernelTensors, repack_field, unpack_field
+from effllm_kernels.spqr.scratch import reserve
 from effllm_tools.registry import register_format
 
 _FP16_FIELDS = ("scale_stats", "zero_stats", "outlier_val")
@@ -177,6 +178,8 @@ class SpQRLinear(nn.Module):
             self._buffers[name] = moved if name == "bias" or moved.dtype == value.dtype else value.to(moved.device)
         if self.qweight.is_cuda and not self.kernel_layout:
             self.repack_for_kernels()
+        elif self.qweight.is_cuda:  # already repacked, moved to another GPU: its scratch, reserved there now
+            reserve(self.qweight.device, self._meta())
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
