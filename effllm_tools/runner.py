@@ -116,6 +116,9 @@ def plan_recipe(recipe: Recipe, *, model: str | None = None) -> dict[str, Any]:
     from effllm_tools.pipeline.arch import get_arch
 
     source = resolve_source(model or recipe.model or "")
+    if recipe.output.get("path"):
+        check_output_path(Path(recipe.output["path"]), overwrite=recipe.output["overwrite"],
+                          inputs=[source.input_path] if source.path else [])
     config = load_config(source)
     check_stages_against_config(recipe, config)
     with init_empty_weights():

@@ -25,16 +25,24 @@ MAX_SHARD_SIZE = "2GB"
 
 
 def check_output_path(out: Path, *, overwrite: bool, inputs: list[Path]) -> None:
-    """Refuse an output that exists (without overwrite) or that overlaps an input."""
+    """Refuse an output that overlaps an input or the working directory (``-o ""`` or ``-o .``), that
+    exists (without overwrite), or that ``--overwrite`` would replace although it is neither empty nor
+    an effllm output (a user's folder is never deleted)."""
     out = out.expanduser().resolve()
     for src in inputs:
         src = src.resolve()
         if out == src or src in out.parents or out in src.parents:
             raise BadInputError(f"output {out} overlaps the input {src}; choose another -o/--output")
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise BadInputError(f"output {out} is the working directory or contains it; choose another -o/--output")
     if out.exists() and not overwrite:
         raise BadInputError(f"output {out} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise BadInputError(f"output {out} exists and is not a directory")
+    if out.exists() and not (out / PROVENANCE_FILE).is_file() and any(out.iterdir()):
+        raise BadInputError(f"output {out} exists and is not an effllm output (no {PROVENANCE_FILE}); "
+                            "--overwrite replaces only effllm outputs: remove it or choose another -o/--output")
 
 
 @contextlib.contextmanager
@@ -45,6 +53,7 @@ def atomic_directory(out: Path, *, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
+        _public(tmp)
         if out.exists():
             if not overwrite:
                 raise BadInputError(f"output {out} appeared while writing; pass --overwrite to replace it")
@@ -57,6 +66,21 @@ def atomic_directory(out: Path, *, overwrite: bool) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _public(tmp: Path) -> None:
+    """Give the finished directory and its files the permissions of a plain ``mkdir`` / ``open``
+    under the current umask (``mkdtemp`` makes the directory private, some writers their files too)."""
+    mask = _umask()
+    tmp.chmod(0o777 & ~mask)
+    for path in tmp.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def write_checkpoint(model: Any, tokenizer: Any, out: Path, *, overwrite: bool, provenance: dict[str, Any],

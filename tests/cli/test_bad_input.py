@@ -90,6 +90,8 @@ def test_recipe_with_unknown_key_or_wrong_type(tiny_llama, tmp_path):
 
 
 def test_existing_output_is_refused_without_overwrite(tiny_llama, tmp_path):
+    """An existing output needs --overwrite, and --overwrite replaces only an empty folder or an effllm
+    output: a user's folder is never deleted."""
     out = tmp_path / "exists"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -97,8 +99,43 @@ def test_existing_output_is_refused_without_overwrite(tiny_llama, tmp_path):
     assert proc.returncode == 2 and "already exists" in proc.stderr
     assert (out / "keep.txt").read_text() == "mine"
     proc = run_cli("quantize", str(tiny_llama), "-o", str(out), "--overwrite")
+    assert proc.returncode == 2 and "is not an effllm output" in proc.stderr, proc.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # an empty folder is fine
+    assert run_cli("quantize", str(tiny_llama), "-o", str(out), "--overwrite").returncode == 0
+    before = (out / "effllm_provenance.json").read_text()
+    proc = run_cli("quantize", str(tiny_llama), "--bits", "8", "-o", str(out), "--overwrite")  # an effllm output
     assert proc.returncode == 0, proc.stderr
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert (out / "config.json").is_file() and (out / "effllm_provenance.json").read_text() != before
+
+
+@pytest.mark.parametrize("target", ["", "."])
+def test_working_directory_is_never_the_output(tiny_llama, tmp_path, target):
+    """``-o ""`` (an unset variable) or ``-o .`` is refused, with or without --overwrite."""
+    (tmp_path / "notes.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        proc = run_cli("quantize", str(tiny_llama), "-o", target, *extra, cwd=tmp_path)
+        _assert_clean_failure(proc, 2, "working directory")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    """The checkpoint is readable by others under umask 022 (the temporary directory is private)."""
+    import os
+
+    from effllm_tools.io.save import atomic_directory
+
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "out", overwrite=False) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"x")
+            os.chmod(tmp / "model.safetensors", 0o600)
+            (tmp / "sub").mkdir(mode=0o700)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "out" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "out" / "sub").stat().st_mode & 0o777 == 0o755
 
 
 def test_output_inside_input_is_refused(tiny_llama):
