@@ -99,9 +99,22 @@ def layers_prefix_of(model: Any, arch: Any) -> str:
     raise BadInputError("cannot locate the decoder layers in the model")
 
 
+#: Stage kinds that rewrite the dense linear weights: they need a checkpoint whose weights are not packed.
+DENSE_KINDS = ("rotate", "prune", "weight-quant")
+
+
 def check_stages_against_config(recipe: Recipe, model_config: Any) -> None:
     """Stage checks that need only the model's config (a stage config's ``check_model``), so bad
-    input such as a target length below the model's window fails before any weight is loaded."""
+    input such as a target length below the model's window fails before any weight is loaded; and
+    no weight rewrite of an already quantized checkpoint (its linears are packed modules)."""
+    qc = getattr(model_config, "quantization_config", None)
+    if qc:
+        qc = qc if isinstance(qc, dict) else getattr(qc, "to_dict", lambda: {})()
+        done = qc.get("methods") or [qc.get("quant_method", "unknown")]
+        for stage in recipe.stages:
+            if stage.spec.kind in DENSE_KINDS:
+                raise BadInputError(f"{stage.method}: the input is already quantized ({', '.join(map(str, done))}); "
+                                    f"{stage.spec.verb} takes a checkpoint with dense weights")
     for stage in recipe.stages:
         check = getattr(stage.config, "check_model", None)
         if check is not None:
@@ -167,6 +180,9 @@ def run_recipe(recipe: Recipe, *, device: str = "auto", dtype: str | None = None
         reporter.info(f"stage {i}: {stage.method}")
         t = time.perf_counter()
         result = stage.spec.apply(ctx, stage.config)
+        for key in ("quantized_modules", "pruned_modules"):
+            if result.metrics.get(key) == 0:
+                raise BadInputError(f"{stage.method}: no linear layer was changed (does `ignore` match them all?)")
         timings[f"stage{i}_{stage.method}_s"] = time.perf_counter() - t
         stage_records.append({"method": stage.method, "config": stage.to_dict(), "metrics": result.metrics})
     if ctx.modules:

@@ -203,3 +203,20 @@ def test_forced_kernel_that_cannot_run_is_unsupported(tiny_llama, sample_text, t
     proc = run_cli("eval-ppl", str(out), "--dataset", str(sample_text), "--seqlen", "32", "--max-tokens", "64",
                    env={"EFFLLM_KERNELS": "triton", "TRITON_INTERPRET": "0"})
     _assert_clean_failure(proc, 4, "EFFLLM_KERNELS=triton")
+
+
+def test_quantized_input_is_refused_by_weight_rewrites(tiny_llama, tmp_path):
+    """Quantizing or pruning a checkpoint whose linears are already packed is bad input (exit 2, dry-run
+    included), not a run that changes nothing; an ``ignore`` that matches every linear likewise."""
+    q = tmp_path / "q"
+    assert run_cli("quantize", str(tiny_llama), "-o", str(q)).returncode == 0
+    before = tree_digest(q)
+    for args in (["quantize", str(q)], ["quantize", "--method", "gptq", str(q)], ["prune", "--sparsity", "0.5", str(q)],
+                 ["quantize", "--dry-run", str(q)]):
+        out = tmp_path / "again"
+        _assert_clean_failure(run_cli(*args, "-o", str(out)), 2, "already quantized (rtn)", out)
+    assert tree_digest(q) == before
+    out = tmp_path / "none"
+    proc = run_cli("quantize", str(tiny_llama), "--set", 'rtn.ignore=[".*"]', "-o", str(out))
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1].startswith("effllm: error: rtn: no linear layer")
+    assert "Traceback" not in proc.stderr and not out.exists()
