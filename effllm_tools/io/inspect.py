@@ -12,11 +12,24 @@ from effllm_tools.io.headers import read_safetensors_header
 from effllm_tools.io.save import PROVENANCE_FILE
 
 
+def _json_object(f: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (exit 2 naming the file otherwise)."""
+    try:
+        value = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadInputError(f"{f}: cannot read it as JSON ({str(err).splitlines()[0][:160]})") from None
+    if not isinstance(value, dict):
+        raise BadInputError(f"{f}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
 def inspect_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_dir() or not (path / "config.json").is_file():
         raise BadInputError(f"{path}: not a checkpoint directory (no config.json)")
-    config = json.loads((path / "config.json").read_text())
+    config = _json_object(path / "config.json")
     files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise BadInputError(f"{path}: no *.safetensors weights next to config.json")
     dtypes: Counter[str] = Counter()
     tensors = 0
     for f in files:
@@ -25,7 +38,7 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
                 tensors += 1
                 dtypes[meta["dtype"]] += 1
     prov_path = path / PROVENANCE_FILE
-    provenance = json.loads(prov_path.read_text()) if prov_path.is_file() else None
+    provenance = _json_object(prov_path) if prov_path.is_file() else None
     qc = config.get("quantization_config") or {}
     modules = qc.get("modules", {}) if qc.get("quant_method") == "effllm" else {}
     bits = sorted({m.get("bits") for m in modules.values() if "bits" in m})

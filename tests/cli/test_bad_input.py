@@ -220,3 +220,27 @@ def test_quantized_input_is_refused_by_weight_rewrites(tiny_llama, tmp_path):
     proc = run_cli("quantize", str(tiny_llama), "--set", 'rtn.ignore=[".*"]', "-o", str(out))
     assert proc.returncode == 2 and proc.stderr.splitlines()[-1].startswith("effllm: error: rtn: no linear layer")
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["config-half", "config-empty", "config-list", "provenance", "no-weights"])
+def test_inspect_of_a_damaged_checkpoint(tiny_llama, tmp_path, damage):
+    """inspect: a damaged config or provenance file, or missing weights, is exit 2 naming the file."""
+    q = tmp_path / "q"
+    assert run_cli("quantize", str(tiny_llama), "-o", str(q)).returncode == 0
+    cfg, prov = q / "config.json", q / "effllm_provenance.json"
+    if damage == "config-half":
+        cfg.write_text(cfg.read_text()[: len(cfg.read_text()) // 2])
+    elif damage == "config-empty":
+        cfg.write_text("")
+    elif damage == "config-list":
+        cfg.write_text("[1, 2]")
+    elif damage == "provenance":
+        prov.write_text("{bad")
+    else:
+        (q / "model.safetensors").unlink()
+    needle = {"provenance": "effllm_provenance.json", "no-weights": "no *.safetensors"}.get(damage, "config.json")
+    for extra in ([], ["--json"]):
+        proc = run_cli("inspect", str(q), *extra)
+        assert proc.returncode == 2, proc.stderr
+        err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert len(err) == 1 and err[0].startswith("effllm: error: ") and needle in err[0], proc.stderr
