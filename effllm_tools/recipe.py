@@ -24,8 +24,8 @@ from typing import Any
 
 import yaml
 
-from effllm_tools.errors import BadInputError
-from effllm_tools.registry import KIND_ORDER, MethodSpec, get_method
+from effllm_tools.errors import BadInputError, UnsupportedError
+from effllm_tools.registry import KIND_ORDER, MethodSpec, all_methods, get_method
 
 RECIPE_VERSION = 1
 TOP_KEYS = {"version", "name", "description", "model", "calibration", "seed", "stages", "output"}
@@ -145,14 +145,21 @@ def _merge_checked(value: Any, defaults: dict, types: dict, where: str) -> dict[
     for k, v in value.items():
         if k not in types:
             raise BadInputError(f"{where}: unknown key '{k}' (allowed: {', '.join(types)})")
-        if v is not None and not _is_type(v, types[k]):
+        if not (v is None and defaults.get(k) is None) and not _is_type(v, types[k]):  # null only where it is the default
             raise BadInputError(f"{where}.{k}: expected {types[k].__name__}, got {v!r}")
+        if types[k] is int and v is not None and v < 1:
+            raise BadInputError(f"{where}.{k}: must be at least 1, got {v!r}")
     return {**defaults, **value}
 
 
 def _parse_stage(raw: Any, where: str) -> Stage:
     if not isinstance(raw, dict) or "method" not in raw:
         raise BadInputError(f"{where}: a stage is a mapping with a 'method' key")
+    if str(raw["method"]) not in all_methods():  # a typo is bad input (exit 2); a planned method stays exit 4
+        try:
+            get_method(str(raw["method"]))
+        except UnsupportedError as err:
+            raise BadInputError(f"{where}: {err}") from None
     spec = get_method(str(raw["method"]))
     params = {k: v for k, v in raw.items() if k != "method"}
     fields = spec.keys()

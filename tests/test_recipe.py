@@ -44,8 +44,8 @@ def test_bad_recipes_name_the_key(raw, needle):
     assert "\n" not in str(err.value)
 
 
-def test_unknown_and_unavailable_methods_are_unsupported():
-    with pytest.raises(UnsupportedError, match="unknown method 'nope'"):
+def test_unknown_methods_are_bad_input_and_unavailable_ones_unsupported():
+    with pytest.raises(BadInputError, match=r"stages\[0\]: unknown method 'nope'"):
         parse_recipe(_raw(stages=[{"method": "nope"}]))
     with pytest.raises(UnsupportedError, match="not available"):
         parse_recipe(_raw(stages=[{"method": "quarot"}]))

@@ -82,7 +82,10 @@ def test_methods_and_keys_are_checked_before_loading(tiny_llama, tmp_path, args,
 
 def test_recipe_with_unknown_key_or_wrong_type(tiny_llama, tmp_path):
     for body, needle in [("  - method: rtn\n    bitz: 4\n", "unknown key 'bitz'"),
-                         ("  - method: rtn\n    bits: four\n", "stages[0].bits: expected int")]:
+                         ("  - method: rtn\n    bits: four\n", "stages[0].bits: expected int"),
+                         ("  - method: spqrr\n", "stages[0]: unknown method 'spqrr'"),
+                         ("  - method: rtn\ncalibration: {nsamples: null}\n", "calibration.nsamples: expected int"),
+                         ("  - method: rtn\ncalibration: {seqlen: 0}\n", "calibration.seqlen: must be at least 1")]:
         recipe = tmp_path / "r.yaml"
         recipe.write_text(f"version: 1\nmodel: {tiny_llama}\nstages:\n{body}")
         out = tmp_path / "o"
