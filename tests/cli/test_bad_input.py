@@ -247,3 +247,18 @@ def test_inspect_of_a_damaged_checkpoint(tiny_llama, tmp_path, damage):
         assert proc.returncode == 2, proc.stderr
         err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         assert len(err) == 1 and err[0].startswith("effllm: error: ") and needle in err[0], proc.stderr
+
+
+def test_context_extension_never_shrinks_and_starts_from_plain_rope(tiny_llama, tmp_path):
+    """Checked from the config before loading (dry-run too): a target below the model's window even
+    with a smaller original_length (exit 2), and extending an already extended model (exit 4)."""
+    out = tmp_path / "o"
+    for extra in ([], ["--dry-run"]):
+        proc = run_cli("extend-context", "--method", "pi", "--target-length", "128", "--set", "pi.original_length=64",
+                       *extra, str(tiny_llama), "-o", str(out))
+        _assert_clean_failure(proc, 2, "extending never shrinks it", out)
+    ext = tmp_path / "ext"
+    assert run_cli("extend-context", "--method", "pi", "--target-length", "512", str(tiny_llama), "-o", str(ext)).returncode == 0
+    for extra in ([], ["--dry-run"]):
+        proc = run_cli("extend-context", "--method", "ntk", "--target-length", "1024", *extra, str(ext), "-o", str(out))
+        _assert_clean_failure(proc, 4, "already uses RoPE scaling", out)

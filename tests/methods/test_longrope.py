@@ -81,6 +81,10 @@ def test_critical_dimension_and_mscale_rules():
     assert rope.su_mscale(4.0, 8192) == pytest.approx(math.sqrt(1 + math.log(4) / math.log(8192)))
     assert rope.su_mscale(1.0, 8192) == 1.0 and rope.resolve_mscale("none", 4.0, 8192) == 1.0
     assert rope.resolve_mscale("yarn", 4.0, 8192) == pytest.approx(0.1 * math.log(4) + 1)
+    assert rope.resolve_mscale(1.2, 4.0, 8192) == 1.2
+    for bad in (0, -1.0, float("nan"), float("inf"), "sue"):
+        with pytest.raises(ValueError, match="mscale must be"):
+            rope.resolve_mscale(bad, 4.0, 8192)
 
 
 def test_ntk_factors_are_the_static_base_change():

@@ -34,9 +34,10 @@ def rotary_slots(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
     raise UnsupportedError(f"{type(rot).__name__} holds no inv_freq buffer this version of effllm recognises")
 
 
-def check_plain_rope(model: nn.Module) -> None:
-    """Context extension starts from plain RoPE; an already rescaled model is refused (exit 4)."""
-    kind = existing_rope_type(model.config)
+def check_plain_rope(model: nn.Module | Any) -> None:
+    """Context extension starts from plain RoPE; an already rescaled model (or model config) is refused
+    (exit 4)."""
+    kind = existing_rope_type(getattr(model, "config", model))
     if kind != "default":
         raise UnsupportedError(f"the model already uses RoPE scaling of type '{kind}'; extend the base model instead")
 

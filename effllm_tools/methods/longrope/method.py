@@ -123,12 +123,17 @@ def lengths(ctx: Any, cfg: ScalingConfig) -> tuple[int, int, float]:
 
 def lengths_for(model_config: Any, cfg: ScalingConfig) -> tuple[int, int, float]:
     """:func:`lengths` from a model config alone (checked before any weight is loaded)."""
-    original = cfg.original_length or getattr(model_config, "max_position_embeddings", None)
+    check_plain_rope(model_config)
+    native = getattr(model_config, "max_position_embeddings", None)
+    original = cfg.original_length or native
     if not original:
         raise BadInputError("the model config has no max_position_embeddings; set original_length")
     target = int(cfg.target_length or 0)
     if target <= original:
         raise BadInputError(f"target_length {target} must exceed the original context of {original} tokens")
+    if native and target < native:
+        raise BadInputError(f"target_length {target} is below the model's window of {native} tokens "
+                            "(max_position_embeddings): extending never shrinks it")
     return int(original), target, target / original
 
 

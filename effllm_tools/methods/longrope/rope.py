@@ -82,8 +82,10 @@ def yarn_mscale(scale: float) -> float:
 
 
 def resolve_mscale(rule: str | float, scale: float, original_length: int) -> float:
-    """A recipe's ``mscale`` key: ``su``, ``yarn``, ``none`` (1.0) or a number."""
+    """A recipe's ``mscale`` key: ``su``, ``yarn``, ``none`` (1.0) or a finite number > 0."""
     if isinstance(rule, int | float) and not isinstance(rule, bool):
+        if not math.isfinite(rule) or rule <= 0:
+            raise ValueError(f"mscale must be su, yarn, none or a finite number > 0, got {rule!r}")
         return float(rule)
     table = {"su": lambda: su_mscale(scale, original_length), "yarn": lambda: yarn_mscale(scale), "none": lambda: 1.0}
     if rule not in table:
