@@ -46,8 +46,12 @@ class Ui:
         self.result_printed = False
         self.err = Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")) or None)
         level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
-        handler = RichHandler(console=self.err, show_time=False, show_path=False, markup=False)
-        logging.basicConfig(level=level, handlers=[handler], format="%(message)s", force=True)
+        if self.err.is_terminal:
+            handler: logging.Handler = RichHandler(console=self.err, show_time=False, show_path=False, markup=False)
+            fmt = "%(message)s"
+        else:  # a log file or a pipe: one unwrapped, unpadded line per record
+            handler, fmt = logging.StreamHandler(sys.stderr), "%(levelname)s %(message)s"
+        logging.basicConfig(level=level, handlers=[handler], format=fmt, force=True)
         for noisy in ("transformers", "accelerate", "huggingface_hub", "torch"):
             logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.INFO)
         if not self.show_progress:  # transformers' own tqdm bars (weight loading) too
@@ -120,6 +124,10 @@ def run_guarded(ui: Ui, body: Any) -> int:
         return 0
     except KeyboardInterrupt:
         return ui.fail(EXIT_INTERRUPTED, "interrupted; no output was written")
+    except BrokenPipeError:  # the reader of stdout went away (`| head -0`): the work itself is done
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as err:  # noqa: BLE001 - the one place that maps every error
         from effllm_tools.errors import EffllmError, ExitCode, KernelUnavailableError
 

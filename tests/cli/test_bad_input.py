@@ -262,3 +262,24 @@ def test_context_extension_never_shrinks_and_starts_from_plain_rope(tiny_llama, 
     for extra in ([], ["--dry-run"]):
         proc = run_cli("extend-context", "--method", "ntk", "--target-length", "1024", *extra, str(ext), "-o", str(out))
         _assert_clean_failure(proc, 4, "already uses RoPE scaling", out)
+
+
+def test_a_closed_stdout_pipe_is_not_an_error():
+    """`effllm ... | head -0`: the reader went away after the work was done; exit 0, nothing on stderr."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "effllm_cli.main", "quantize", "--list-methods", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == "", err
+
+
+def test_logs_off_a_terminal_are_one_line_per_record(tiny_llama, tmp_path):
+    """In a log file or a pipe a record is one plain line (rich's handler wraps at 80 columns and pads)."""
+    proc = run_cli("quantize", str(tiny_llama), "-o", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert any(ln.startswith("INFO stage 0: rtn") for ln in lines), proc.stderr
+    assert all(ln == ln.rstrip() for ln in lines), proc.stderr
