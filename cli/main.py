@@ -303,8 +303,27 @@ def inspect(
     _finish(run_guarded(ui, body))
 
 
+def _parser_error(err: BaseException) -> bool:
+    """A usage error of the argument parser (click's, or the copy Typer vendors): exit code 2, a message."""
+    return any(c.__name__ == "UsageError" for c in type(err).__mro__) and hasattr(err, "format_message")
+
+
 def main() -> None:
-    app()
+    """Run the app; a usage error that the parser finds (an unknown option, a value of the wrong type)
+    is one ``effllm: error:`` line, exit 2, and with ``--json`` an error object on stdout, like every
+    other error."""
+    try:
+        code = app(standalone_mode=False)
+    except Exception as err:  # noqa: BLE001 - only the parser's usage errors are handled here
+        if not _parser_error(err):
+            raise
+        if type(err).__name__ == "NoArgsIsHelpError":  # bare `effllm`: the help, on stderr, as usage
+            err.show()  # type: ignore[attr-defined]
+            sys.exit(2)
+        args = sys.argv[1:]
+        ui = Ui(json_mode="--json" in args, command=next((a for a in args if not a.startswith("-")), ""))
+        code = ui.fail(2, err.format_message().strip().splitlines()[0])  # type: ignore[attr-defined]
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -283,3 +283,18 @@ def test_logs_off_a_terminal_are_one_line_per_record(tiny_llama, tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert any(ln.startswith("INFO stage 0: rtn") for ln in lines), proc.stderr
     assert all(ln == ln.rstrip() for ln in lines), proc.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("quantize", "--bits", "notanint", "demo", "-o", "x"), "Invalid value for '--bits'"),
+    (("quantize", "--frobnicate", "demo", "-o", "x"), "No such option: --frobnicate"),
+    (("eval-ppl",), "Missing argument 'model'"),
+    (("nosuchverb",), "No such command 'nosuchverb'"),
+])
+def test_parser_errors_are_one_line_and_json(tmp_path, args, needle):
+    """Errors the argument parser finds follow the same contract as every other error (README)."""
+    _assert_clean_failure(run_cli(*args, cwd=tmp_path), 2, needle)
+    proc = run_cli(*args, "--json", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("effllm: error: ")
+    obj = json.loads(proc.stdout)
+    assert obj["status"] == "error" and obj["exit_code"] == 2 and needle in obj["error"]
