@@ -96,6 +96,11 @@ class SearchConfig(SearchSettings, ScalingConfig):
         except ValueError as err:
             raise BadInputError(str(err)) from None
 
+    def check_model(self, model_config: Any) -> None:
+        """The scaling checks, and the search documents' lengths against the model's window."""
+        original, target, _ = lengths_for(model_config, self)
+        search_lengths(self, original, target)
+
 
 @dataclass
 class LongRoPE2Config(SearchConfig):
