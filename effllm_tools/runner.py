@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import time
@@ -13,7 +14,7 @@ import torch
 
 from effllm_tools.errors import BadInputError
 from effllm_tools.io.load import LoadedModel, load_config, load_model, resolve_source
-from effllm_tools.io.save import check_output_path, write_checkpoint
+from effllm_tools.io.save import PROVENANCE_FILE, check_output_path, write_checkpoint
 from effllm_tools.provenance import base_record, recipe_hash
 from effllm_tools.recipe import Recipe
 from effllm_tools.reporting import Reporter
@@ -151,6 +152,20 @@ def plan_recipe(recipe: Recipe, *, model: str | None = None) -> dict[str, Any]:
     }
 
 
+def input_history(source: Any) -> list[dict[str, Any]]:
+    """The stages an effllm input went through (its provenance's ``history`` and ``stages``), oldest
+    first, so a chain of commands keeps its record: [{"method", "config", "metrics", "output"}]."""
+    prov_path = source.path / PROVENANCE_FILE if source.kind == "directory" and source.path else None
+    if prov_path is None or not prov_path.is_file():
+        return []
+    try:
+        prov = json.loads(prov_path.read_text())
+        return [*prov.get("history", []),
+                *({**st, "output": str(source.path)} for st in prov.get("stages", []))]
+    except (OSError, ValueError, TypeError, AttributeError):  # a damaged record does not stop a run
+        return []
+
+
 def run_recipe(recipe: Recipe, *, device: str = "auto", dtype: str | None = None, reporter: Reporter | None = None,
                resume: bool = False) -> dict[str, Any]:
     """Load the model, apply the stages, write the output. Returns the result record."""
@@ -195,6 +210,7 @@ def run_recipe(recipe: Recipe, *, device: str = "auto", dtype: str | None = None
     provenance = {
         **base_record(device),
         "source": source.describe(),
+        "history": input_history(source),
         "recipe_sha256": recipe_hash(recipe_dict),
         "seed": recipe.seed,
         "data": ctx.calibration_record(),

@@ -46,7 +46,8 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
         "path": str(path.resolve()),
         "model_type": config.get("model_type"),
         "architectures": config.get("architectures"),
-        "methods": [st["method"] for st in provenance.get("stages", [])] if provenance else [],
+        "methods": [st.get("method") for st in [*provenance.get("history", []), *provenance.get("stages", [])]]
+        if provenance else [],
         "quantization": {"quant_method": qc.get("quant_method"), "modules": len(modules), "bits": bits,
                          "formats": sorted({m.get("format") for m in modules.values()}),
                          "avg_bits": _avg_bits(modules, provenance)} if qc else None,

@@ -302,3 +302,16 @@ def test_parser_errors_are_one_line_and_json(tmp_path, args, needle):
     assert proc.returncode == 2 and proc.stderr.strip().startswith("effllm: error: ")
     obj = json.loads(proc.stdout)
     assert obj["status"] == "error" and obj["exit_code"] == 2 and needle in obj["error"]
+
+
+def test_chained_commands_keep_the_record_of_earlier_stages(tiny_llama, tmp_path):
+    """quantize, then extend-context on its output: the provenance keeps the rtn stage as history and
+    inspect lists both methods."""
+    q, e = tmp_path / "q", tmp_path / "e"
+    assert run_cli("quantize", str(tiny_llama), "-o", str(q)).returncode == 0
+    assert run_cli("extend-context", "--method", "pi", "--target-length", "512", str(q), "-o", str(e)).returncode == 0
+    prov = json.loads((e / "effllm_provenance.json").read_text())
+    assert [h["method"] for h in prov["history"]] == ["rtn"] and prov["history"][0]["output"] == str(q.resolve())
+    assert "avg_bits" in prov["history"][0]["metrics"] and [st["method"] for st in prov["stages"]] == ["pi"]
+    info = json.loads(run_cli("inspect", str(e), "--json").stdout)
+    assert info["methods"] == ["rtn", "pi"]
