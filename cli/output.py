@@ -58,6 +58,7 @@ class Ui:
             os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         if not verbose:
             os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+            os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # its retry warnings bypass the logger levels above
             with contextlib.suppress(Exception):
                 import warnings
 

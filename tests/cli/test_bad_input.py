@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -128,8 +131,6 @@ def test_working_directory_is_never_the_output(tiny_llama, tmp_path, target):
 
 def test_outputs_follow_the_umask(tmp_path):
     """The checkpoint is readable by others under umask 022 (the temporary directory is private)."""
-    import os
-
     from effllm_tools.io.save import atomic_directory
 
     old = os.umask(0o022)
@@ -186,6 +187,15 @@ def test_hub_id_without_network(tmp_path):
     out = tmp_path / "o"
     proc = run_cli("quantize", "some-org/some-model", "-o", str(out), env={"HF_HUB_OFFLINE": "1"})
     _assert_clean_failure(proc, 2, "some-org/some-model", out)
+
+
+def test_hub_id_with_the_network_unreachable_is_quiet(tmp_path):
+    """Without HF_HUB_OFFLINE the hub library retries (~25 s here, no network); its retry warnings must
+    not reach stderr: one error line (they were printed twice each, even with -q)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_HUB")}
+    proc = subprocess.run([sys.executable, "-m", "effllm_cli.main", "eval-ppl", "some-org/some-model", "-q"],
+                          capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=300)
+    _assert_clean_failure(proc, 2, "some-org/some-model")
 
 
 def test_pickled_weights_are_never_loaded(tiny_llama, tmp_path):
@@ -270,9 +280,6 @@ def test_context_extension_never_shrinks_and_starts_from_plain_rope(tiny_llama, 
 
 def test_a_closed_stdout_pipe_is_not_an_error():
     """`effllm ... | head -0`: the reader went away after the work was done; exit 0, nothing on stderr."""
-    import subprocess
-    import sys
-
     proc = subprocess.Popen([sys.executable, "-m", "effllm_cli.main", "quantize", "--list-methods", "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()
