@@ -84,11 +84,18 @@ class StepClock(transformers.LogitsProcessor):
         return 1000 * statistics.median(gaps) if gaps else float("nan")
 
 
-def timed_generate(model: nn.Module, ids: torch.Tensor, new: int, mode: str) -> tuple[float, float]:
-    """(tokens/s of the whole generate call, median ms of one decode step)."""
-    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+def generate_kwargs(new: int, mode: str) -> dict:
+    """``generate`` arguments for exactly ``new`` greedy tokens; "compiled": a static cache (the decode
+    step compiled, CUDA graphs)."""
+    kw: dict = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
     if mode == "compiled":
         kw["cache_implementation"] = "static"
+    return kw
+
+
+def timed_generate(model: nn.Module, ids: torch.Tensor, new: int, mode: str) -> tuple[float, float]:
+    """(tokens/s of the whole generate call, median ms of one decode step)."""
+    kw = generate_kwargs(new, mode)
     model.generate(ids, **kw)  # warm-up (compilation and graph capture for "compiled")
     if mode == "compiled":
         model.generate(ids, **kw)
@@ -120,9 +127,8 @@ def profile(model: nn.Module, ids: torch.Tensor, label: str) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    kw = dict(max_new_tokens=9, min_new_tokens=9, do_sample=False, cache_implementation="static")
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        model.generate(ids, **kw)
+        model.generate(ids, **generate_kwargs(9, "compiled"))
         torch.cuda.synchronize()
     print(f"\n{label}: GPU time over one generate of 9 tokens (prefill + 8 decode steps)", flush=True)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60), flush=True)

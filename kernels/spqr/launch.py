@@ -81,10 +81,8 @@ def with_split(cfg: KernelConfig, m: int, t: SpqrTensors | SpqrKernelTensors, de
     n_units = -(-t.in_features // 32)
     gemv = cfg.path.startswith("gemv")
     programs = -(-t.out_features // cfg.block_n) * (m if gemv else -(-m // cfg.block_m))
-    if per_sm is None:
-        per_sm = {"gemv16": 3, "gemv": 8}.get(cfg.path, 4)
-    if cfg.path == "mma16" and cfg.block_m > 16:  # the sweep at BM = 64: split 2 (14336 x 4096), 7-8 (N = 4096)
-        per_sm = 1.5
+    if per_sm is None:  # the sweep at BM = 64 for mma16: split 2 (14336 x 4096), 7-8 (N = 4096)
+        per_sm = 1.5 if cfg.path == "mma16" and cfg.block_m > 16 else {"gemv16": 3, "gemv": 8}.get(cfg.path, 4)
     target = int(per_sm * _sm_count(device))
     return replace(cfg, split_k=_split_for(programs, -(-n_units // cfg.units), target, cap))
 
@@ -198,24 +196,25 @@ def _split_k_need(meta_items: tuple, device: torch.device) -> tuple[int, int]:
     The split depends on M only through the activation blocks, so ``split * M`` peaks at the last M of
     each block count: M = 1..GEMV_MAX_M (the GEMVs), 16, 32, then every multiple of 64 until the
     programs alone reach the occupancy target (split 1 from there on)."""
-    ws, tiles = 0, 0
+    need = [0, 0]  # workspace elements, counters
     meta = dict(meta_items)
     t = SimpleNamespace(**meta)
     k, n = meta["in_features"], meta["out_features"]
+
+    def split_at(m: int, dtype: torch.dtype) -> int:
+        """The heuristic's split at M (recording what it needs when it splits)."""
+        _, split, n_blocks, m_blocks = _grid(pick_config(m, t, device, dtype), m, k, n)  # type: ignore[arg-type]
+        if split > 1:
+            need[:] = max(need[0], split * m * n), max(need[1], n_blocks * m_blocks)
+        return split
+
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        ms = [*range(1, GEMV_MAX_M + 1), 16, 32]
+        for m in (*range(1, GEMV_MAX_M + 1), 16, 32):
+            split_at(m, dtype)
         j = 1
-        while True:
-            ms.append(64 * j)
-            _, split, _, _ = _grid(pick_config(64 * j, t, device, dtype), 64 * j, k, n)  # type: ignore[arg-type]
-            if split == 1:
-                break
+        while split_at(64 * j, dtype) > 1:
             j += 1
-        for m in ms:
-            _, split, n_blocks, m_blocks = _grid(pick_config(m, t, device, dtype), m, k, n)  # type: ignore[arg-type]
-            if split > 1:
-                ws, tiles = max(ws, split * m * n), max(tiles, n_blocks * m_blocks)
-    return ws, tiles
+    return need[0], need[1]
 
 
 def spqr_matmul_triton(
