@@ -155,12 +155,12 @@ def _merge_checked(value: Any, defaults: dict, types: dict, where: str) -> dict[
 def _parse_stage(raw: Any, where: str) -> Stage:
     if not isinstance(raw, dict) or "method" not in raw:
         raise BadInputError(f"{where}: a stage is a mapping with a 'method' key")
-    if str(raw["method"]) not in all_methods():  # a typo is bad input (exit 2); a planned method stays exit 4
-        try:
-            get_method(str(raw["method"]))
-        except UnsupportedError as err:
-            raise BadInputError(f"{where}: {err}") from None
-    spec = get_method(str(raw["method"]))
+    try:
+        spec = get_method(str(raw["method"]))
+    except UnsupportedError as err:
+        if str(raw["method"]) in all_methods():  # planned, not built: exit 4
+            raise
+        raise BadInputError(f"{where}: {err}") from None  # a typo is bad input (exit 2)
     params = {k: v for k, v in raw.items() if k != "method"}
     fields = spec.keys()
     hints = typing.get_type_hints(spec.config) if spec.config else {}

@@ -122,6 +122,12 @@ def check_stages_against_config(recipe: Recipe, model_config: Any) -> None:
             check(model_config)
 
 
+def check_recipe_output(recipe: Recipe, source: Any) -> None:
+    """The recipe's output path against the source and the overwrite rule (``check_output_path``)."""
+    check_output_path(Path(recipe.output["path"]), overwrite=recipe.output["overwrite"],
+                      inputs=[source.input_path] if source.path else [])
+
+
 def plan_recipe(recipe: Recipe, *, model: str | None = None) -> dict[str, Any]:
     """``--dry-run``: validate and describe without loading weights."""
     from accelerate import init_empty_weights
@@ -131,8 +137,7 @@ def plan_recipe(recipe: Recipe, *, model: str | None = None) -> dict[str, Any]:
 
     source = resolve_source(model or recipe.model or "")
     if recipe.output.get("path"):
-        check_output_path(Path(recipe.output["path"]), overwrite=recipe.output["overwrite"],
-                          inputs=[source.input_path] if source.path else [])
+        check_recipe_output(recipe, source)
     config = load_config(source)
     check_stages_against_config(recipe, config)
     with init_empty_weights():
@@ -178,7 +183,7 @@ def run_recipe(recipe: Recipe, *, device: str = "auto", dtype: str | None = None
         raise BadInputError("no output directory: pass -o/--output or set output.path in the recipe")
     out = Path(recipe.output["path"])
     source = resolve_source(recipe.model)
-    check_output_path(out, overwrite=recipe.output["overwrite"], inputs=[source.input_path] if source.path else [])
+    check_recipe_output(recipe, source)
     check_stages_against_config(recipe, load_config(source))
     device = resolve_device(device)
     seed_everything(recipe.seed)
