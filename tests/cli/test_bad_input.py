@@ -222,11 +222,18 @@ def test_forced_kernel_that_cannot_run_is_unsupported(tiny_llama, sample_text, t
     _assert_clean_failure(proc, 4, "EFFLLM_KERNELS=triton")
 
 
-def test_quantized_input_is_refused_by_weight_rewrites(tiny_llama, tmp_path):
+@pytest.fixture(scope="module")
+def rtn_checkpoint(tiny_llama, tmp_path_factory):
+    """One `effllm quantize` output of the tiny model, shared read-only (copy it to damage it)."""
+    q = tmp_path_factory.mktemp("rtn") / "q"
+    assert run_cli("quantize", str(tiny_llama), "-o", str(q)).returncode == 0
+    return q
+
+
+def test_quantized_input_is_refused_by_weight_rewrites(tiny_llama, rtn_checkpoint, tmp_path):
     """Quantizing or pruning a checkpoint whose linears are already packed is bad input (exit 2, dry-run
     included), not a run that changes nothing; an ``ignore`` that matches every linear likewise."""
-    q = tmp_path / "q"
-    assert run_cli("quantize", str(tiny_llama), "-o", str(q)).returncode == 0
+    q = rtn_checkpoint
     before = tree_digest(q)
     for args in (["quantize", str(q)], ["quantize", "--method", "gptq", str(q)], ["prune", "--sparsity", "0.5", str(q)],
                  ["quantize", "--dry-run", str(q)]):
@@ -240,10 +247,10 @@ def test_quantized_input_is_refused_by_weight_rewrites(tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["config-half", "config-empty", "config-list", "provenance", "no-weights"])
-def test_inspect_of_a_damaged_checkpoint(tiny_llama, tmp_path, damage):
+def test_inspect_of_a_damaged_checkpoint(rtn_checkpoint, tmp_path, damage):
     """inspect: a damaged config or provenance file, or missing weights, is exit 2 naming the file."""
     q = tmp_path / "q"
-    assert run_cli("quantize", str(tiny_llama), "-o", str(q)).returncode == 0
+    shutil.copytree(rtn_checkpoint, q)
     cfg, prov = q / "config.json", q / "effllm_provenance.json"
     if damage == "config-half":
         cfg.write_text(cfg.read_text()[: len(cfg.read_text()) // 2])
@@ -311,11 +318,10 @@ def test_parser_errors_are_one_line_and_json(tmp_path, args, needle):
     assert obj["status"] == "error" and obj["exit_code"] == 2 and needle in obj["error"]
 
 
-def test_chained_commands_keep_the_record_of_earlier_stages(tiny_llama, tmp_path):
+def test_chained_commands_keep_the_record_of_earlier_stages(rtn_checkpoint, tmp_path):
     """quantize, then extend-context on its output: the provenance keeps the rtn stage as history and
     inspect lists both methods."""
-    q, e = tmp_path / "q", tmp_path / "e"
-    assert run_cli("quantize", str(tiny_llama), "-o", str(q)).returncode == 0
+    q, e = rtn_checkpoint, tmp_path / "e"
     assert run_cli("extend-context", "--method", "pi", "--target-length", "512", str(q), "-o", str(e)).returncode == 0
     prov = json.loads((e / "effllm_provenance.json").read_text())
     assert [h["method"] for h in prov["history"]] == ["rtn"] and prov["history"][0]["output"] == str(q.resolve())
