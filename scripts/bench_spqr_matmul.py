@@ -87,6 +87,9 @@ MMA16_CANDIDATES = [(128, 2, 4, 1, 4, 1, True), (128, 2, 4, 1, 4, 1, False), (12
                     (256, 2, 8, 1, 4, 1, True), (128, 2, 4, 1, 4, 0, True), (128, 2, 4, 2, 4, 0, True),
                     (256, 4, 8, 1, 4, 1, True)]
 
+#: Dequantize-then-cuBLAS candidates (kernels/spqr/triton_dequant.py): (block_n, units, num_warps).
+DEQUANT_CANDIDATES = [(64, 4, 4), (128, 2, 4), (32, 4, 2)]
+
 
 def sweep_configs(m: int, t: SpqrTensors | SpqrKernelTensors, paths: str = "all",
                   splits: str = "auto,double,half") -> list[KernelConfig]:
@@ -105,6 +108,7 @@ def sweep_configs(m: int, t: SpqrTensors | SpqrKernelTensors, paths: str = "all"
         if mma16_unsupported_reason(torch.bfloat16, t, 4, bm) is None:
             bases += [KernelConfig("mma16", bm, bn, c, 1, nw, st, rows=r, prefetch=pf, host_cast=hc)
                       for bn, c, nw, st, r, pf, hc in MMA16_CANDIDATES]
+        bases += [KernelConfig("dequant", 1, bn, c, num_warps=nw) for bn, c, nw in DEQUANT_CANDIDATES]
     if paths != "all":
         bases = [b for b in bases if b.path in paths.split(",")]
     for base in bases:

@@ -20,6 +20,12 @@ from effllm_kernels.spqr.scratch import x_scratch
 #: at M = 3 the GEMV takes 17.8 / 53.0 / 61.7 us on 4096x4096 / 14336x4096 / 4096x14336, the fp16
 #: tensor-core kernel at M = 4 29.5 / 57.9 / 56.5 us (ahead only on 4096x14336).
 GEMV_MAX_M = 3
+#: Smallest M served by dequantizing the layer once per call and one cuBLAS matmul (:mod:`.triton_dequant`);
+#: below it the fused kernels. H200 measurement: see pick_config.
+DEQUANT_MIN_M = 128
+#: Rows and slots per row of a program of the dequantize path's outlier scatter (:mod:`.triton_dequant`):
+#: 128 rows x 4 slots left 32 programs walking ~45 dependent steps each on a 4096 x 14336 layer.
+OUTLIER_SCATTER_ROWS, OUTLIER_SCATTER_SLOTS = 8, 64
 #: In-features from which the fp16x2 GEMV takes the long-K configuration (pick_config).
 LONG_K = 8192
 #: The bits of fp32 1.0, a kernel argument (not a literal) so that ptxas keeps it in a register.
@@ -36,10 +42,12 @@ class KernelConfig:
     small extra launch) instead of in every program; the tensor-core kernel always does.
     ``gemv16`` is the fp16x2 GEMV (:mod:`.triton_gemv16`; :func:`gemv16_unsupported_reason`), ``mma16``
     the fp16 tensor-core kernel with the pair decode (:mod:`.triton_mma16`; :func:`mma16_unsupported_reason`),
-    ``mma`` the older tensor-core kernel (bf16 dequantization, any format and activation dtype).
+    ``mma`` the older tensor-core kernel (bf16 dequantization, any format and activation dtype),
+    ``dequant`` the dense W_s written once per call and one cuBLAS matmul (:mod:`.triton_dequant`; BN
+    rows x C units per program of the dequantization kernel).
     """
 
-    path: str  # "gemv16", "gemv", "mma" or "mma16"
+    path: str  # "gemv16", "gemv", "mma", "mma16" or "dequant"
     block_m: int  # activation rows per program (1 for the GEMVs)
     block_n: int  # weight rows per program
     units: int  # C: 32-code units per step of the K loop (BK = 32 * C codes)
@@ -106,6 +114,8 @@ def pick_config(m: int, t: SpqrTensors | SpqrKernelTensors, device: torch.device
     the older tensor-core kernel, which serves the other formats and fp32 activations: 128 rows x 2
     units on 4 warps, 3 stages, split to ~4 programs per SM).
     """
+    if m >= DEQUANT_MIN_M:
+        return KernelConfig("dequant", 1, 64, 4, num_warps=4)
     if m <= GEMV_MAX_M and gemv16_unsupported_reason(dtype, t) is None:
         if t.in_features >= LONG_K:  # 4096 x 14336: twice the programs, loads two steps ahead
             cfg = KernelConfig("gemv16", 1, 256, 2, num_warps=4, num_stages=1, prefetch=2, outliers_first=True)
@@ -195,7 +205,8 @@ def _split_k_need(meta_items: tuple, device: torch.device) -> tuple[int, int]:
 
     The split depends on M only through the activation blocks, so ``split * M`` peaks at the last M of
     each block count: M = 1..GEMV_MAX_M (the GEMVs), 16, 32, then every multiple of 64 until the
-    programs alone reach the occupancy target (split 1 from there on)."""
+    programs alone reach the occupancy target (split 1 from there on), and DEQUANT_MIN_M - 1 (from
+    DEQUANT_MIN_M on the dequantize path never splits)."""
     need = [0, 0]  # workspace elements, counters
     meta = dict(meta_items)
     t = SimpleNamespace(**meta)
@@ -209,12 +220,48 @@ def _split_k_need(meta_items: tuple, device: torch.device) -> tuple[int, int]:
         return split
 
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for m in (*range(1, GEMV_MAX_M + 1), 16, 32):
+        for m in (*range(1, GEMV_MAX_M + 1), 16, 32, DEQUANT_MIN_M - 1):
             split_at(m, dtype)
         j = 1
-        while split_at(64 * j, dtype) > 1:
+        while 64 * j < DEQUANT_MIN_M and split_at(64 * j, dtype) > 1:
             j += 1
     return need[0], need[1]
+
+
+def dequantize_triton(t: SpqrKernelTensors, dtype: torch.dtype, config: KernelConfig | None = None) -> torch.Tensor:
+    """``W_s`` [N, K] in stored column order (codes, statistics and outliers) in ``dtype``, by the
+    kernels of :mod:`.triton_dequant` (a new tensor per call)."""
+    from effllm_kernels.spqr.triton_dequant import _spqr_dequant_kernel, _spqr_outlier_kernel
+
+    cfg = config or KernelConfig("dequant", 1, 64, 4, num_warps=4)
+    k, n = t.in_features, t.out_features
+    w = torch.empty(n, k, dtype=dtype, device=t.qweight.device)
+    n_units = -(-k // 32)
+    fp16_stats = t.stat_bits == STAT_FP16
+    dummy = t.qweight
+    interp = interpreter_enabled()
+    _spqr_dequant_kernel[(-(-n // cfg.block_n), -(-n_units // cfg.units))](
+        t.qweight, t.scale_q, t.zero_q, dummy if fp16_stats else t.scale_stats, dummy if fp16_stats else t.zero_stats,
+        w, n, k, t.n_groups, t.n_blocks, n_units, ONE_BITS, BITS=t.bits, GROUP=t.group_size,
+        STAT_BITS=t.stat_bits, STAT_GROUP=t.stat_group, BN=cfg.block_n, C=cfg.units, INTERPRET=interp,
+        num_warps=cfg.num_warps)
+    if t.nnz:  # few rows and many slots per program: every SM busy, few dependent round trips per row
+        _spqr_outlier_kernel[(-(-n // OUTLIER_SCATTER_ROWS),)](
+            t.outlier_rowptr, t.outlier_col, t.outlier_val, w, n, k, BN=OUTLIER_SCATTER_ROWS,
+            R=OUTLIER_SCATTER_SLOTS, INTERPRET=interp, num_warps=4)
+    return w
+
+
+def dequant_matmul(x2: torch.Tensor, t: SpqrKernelTensors, bias: torch.Tensor | None, y: torch.Tensor,
+                   cfg: KernelConfig) -> None:
+    """y [M, N] = x2[:, perm] @ W_s^T (+ bias) through the dense W_s of :func:`dequantize_triton`
+    and one cuBLAS matmul in x's dtype (fp32 accumulation inside cuBLAS)."""
+    w = dequantize_triton(t, x2.dtype, cfg)
+    xp = x2.index_select(1, t.perm) if t.perm is not None else x2
+    if bias is None:
+        torch.mm(xp, w.t(), out=y)
+    else:
+        torch.addmm(bias.to(x2.dtype), xp, w.t(), out=y)
 
 
 def spqr_matmul_triton(
@@ -245,6 +292,9 @@ def spqr_matmul_triton(
     if m == 0 or n == 0:
         return y.reshape(*x.shape[:-1], n)
     cfg = config or _cached_config(m, tuple(t.meta().items()), x.device, x.dtype)
+    if cfg.path == "dequant":
+        dequant_matmul(x2, t, bias, y, cfg)
+        return y.reshape(*x.shape[:-1], n)
     mma = cfg.path.startswith("mma")
     if cfg.path == "gemv16" and (reason := gemv16_unsupported_reason(x.dtype, t, cfg.rows)) is not None:
         raise ValueError(f"spqr fp16x2 GEMV: unsupported {reason}")

@@ -8,7 +8,9 @@
 #       decode (bench_spqr_decode, compiled, DECODE_ARGS),
 #       mma16 (the fp16 tensor-core kernel, kernels/spqr/triton_mma16.py: every candidate checked against the
 #       fp64 reference and timed at M=16/64 on the three Llama shapes against bf16, beside the heuristic's
-#       old tensor-core kernel; the table row of each case is its fastest candidate). One call, < 5 min:
+#       old tensor-core kernel; the table row of each case is its fastest candidate),
+#       large (M = 64..2048: the fp16 tensor-core kernel against dequantize-then-cuBLAS, every candidate of
+#       both, after the tests). One call, < 5 min:
 #   run(command="bash scripts/gpu/spqr_kernel_session.sh 290 tests mma16", timeout_s=300)
 limit=${1:-280}
 shift
@@ -25,7 +27,7 @@ if want tests; then
         -p no:cacheprovider > "$out/pytest_gpu.txt" 2>&1 &
     pids+=($!)
     timeout $(( $(left) - 20 )) python3 -m pytest -q tests/kernels/test_spqr_kernels.py \
-        -k "fp16x2 or pair_asm or fp16_mma or decode_asm" -p no:cacheprovider > "$out/pytest_tiny.txt" 2>&1 &
+        -k "fp16x2 or pair_asm or fp16_mma or decode_asm or dequant" -p no:cacheprovider > "$out/pytest_tiny.txt" 2>&1 &
     pids+=($!)
 fi
 if want tiny; then
@@ -51,11 +53,16 @@ if want table; then
         ${TABLE_ARGS:-}) > "$out/table.txt" 2>&1
 fi
 for p in "${pids[@]}"; do wait "$p"; done
+if want large; then  # after the tests: timings beside them are skewed
+    (cd scripts && timeout $(( $(left) - ${DECODE_S:-0} - 10 )) python3 bench_spqr_matmul.py --sweep --sweep-paths mma16,dequant \
+        --sweep-splits auto --formats "3:3:64,128,256,2048" --workers 12 --eager-calls 20 --rotate-mb 300) \
+        > "$out/large.txt" 2>&1
+fi
 if want decode; then
     timeout $(( $(left) - 5 )) python3 scripts/bench_spqr_decode.py --new-tokens 32 --modes compiled ${DECODE_ARGS:-} \
         > "$out/decode.txt" 2>&1
 fi
 tail -3 "$out"/pytest_*.txt 2>/dev/null
-grep -h "^| " "$out/sweep.txt" "$out/table.txt" "$out/final.txt" "$out/mma16.txt" 2>/dev/null | grep -v "^| N x K" | sort -u | head -90
+grep -h "^| " "$out/sweep.txt" "$out/table.txt" "$out/final.txt" "$out/mma16.txt" "$out/large.txt" 2>/dev/null | grep -v "^| N x K" | sort -u | head -90
 tail -8 "$out/decode.txt" 2>/dev/null
 echo "elapsed $(( $(date +%s) - start )) s"

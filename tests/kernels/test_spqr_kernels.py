@@ -64,6 +64,7 @@ def _configs() -> list:
         KernelConfig("gemv", 1, 32, 1, split_k=3, num_warps=2, host_perm=True),  # N % 32 != 0, split K
         KernelConfig("mma", 16, 16, 1, split_k=1, num_warps=4),  # stat block == tile rows
         KernelConfig("mma", 16, 32, 2, split_k=2, num_warps=4),  # tile rows span two stat blocks
+        KernelConfig("dequant", 1, 16, 2, num_warps=4),  # W_s written densely, then one torch matmul
     ]
 
 
@@ -81,7 +82,8 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
 @pytest.mark.parametrize("shape", TINY, ids=lambda s: "m{}n{}k{}b{}g{}s{}sg{}".format(*s))
-@pytest.mark.parametrize("config_index", range(4), ids=["gemv", "gemv-split-hostperm", "mma", "mma-split"])
+@pytest.mark.parametrize("config_index", range(5),
+                         ids=["gemv", "gemv-split-hostperm", "mma", "mma-split", "dequant"])
 def test_kernel_matches_reference_tiny(shape: tuple, config_index: int) -> None:
     """Every path on every format, on the repacked layer; the dtype rotates over the cases (test time)."""
     m, n, k, bits, g, sb, sg = shape
@@ -93,6 +95,29 @@ def test_kernel_matches_reference_tiny(shape: tuple, config_index: int) -> None:
     x = torch.randn(m, k, generator=gen, device=DEVICE).to(dtype)
     bias = torch.randn(n, generator=gen, device=DEVICE).to(dtype) if config_index % 2 == 0 else None
     assert_close_to_reference(run_kernel(x, repack(t), bias, _configs()[config_index]), x, t, bias)
+
+
+@pytest.mark.parametrize("shape", TINY, ids=lambda s: "n{1}k{2}b{3}g{4}s{5}sg{6}".format(*s))
+def test_dequantize_kernel_gives_the_stored_weights(shape: tuple) -> None:
+    """The large-batch path's dense W_s (fp32) is the reference's dequantization: codes, statistics and
+    outliers, every format of TINY."""
+    from effllm_kernels.spqr import dequantize_stored
+    from effllm_kernels.spqr.launch import dequantize_triton
+
+    _, n, k, bits, g, sb, sg = shape
+    t = random_spqr_tensors(n, k, bits, g, sb, sg, outlier_density=0.05, seed=bits * 7 + g, device=DEVICE)
+    ref = dequantize_stored(t)
+    w = dequantize_triton(repack(t), torch.float32)
+    assert w.shape == (n, k) and torch.allclose(w, ref, rtol=1e-5, atol=1e-6), (w - ref).abs().max()
+
+
+def test_large_batches_take_the_dequantize_path() -> None:
+    from effllm_kernels.spqr.launch import DEQUANT_MIN_M, pick_config
+
+    t = random_spqr_tensors(64, 256, seed=3)
+    for dtype in DTYPES:
+        assert pick_config(DEQUANT_MIN_M, t, torch.device("cpu"), dtype).path == "dequant"
+        assert pick_config(DEQUANT_MIN_M - 1, t, torch.device("cpu"), dtype).path != "dequant"
 
 
 # The fp16x2 GEMV (2-4 bits, groups of 16, bf16 activations): (m, n, k, bits, stat_bits, stat_group,
@@ -163,11 +188,17 @@ def test_fp16_mma_matches_reference(case: int) -> None:
 
 
 def test_fp16_mma_is_the_default_above_the_gemv_for_16bit_activations() -> None:
-    from effllm_kernels.spqr.launch import GEMV_MAX_M, KernelConfig, mma16_unsupported_reason, pick_config
+    from effllm_kernels.spqr.launch import (
+        DEQUANT_MIN_M,
+        GEMV_MAX_M,
+        KernelConfig,
+        mma16_unsupported_reason,
+        pick_config,
+    )
 
     t = random_spqr_tensors(64, 256, seed=1, device="cpu")
     cpu = torch.device("cpu")
-    for m, bm in ((GEMV_MAX_M + 1, 16), (16, 16), (33, 64), (500, 64)):
+    for m, bm in ((GEMV_MAX_M + 1, 16), (16, 16), (33, 64), (DEQUANT_MIN_M - 1, 64)):
         for dtype in (torch.bfloat16, torch.float16):
             cfg = pick_config(m, t, cpu, dtype)
             assert (cfg.path, cfg.block_m, cfg.host_cast) == ("mma16", bm, True), (m, dtype, cfg)
@@ -342,8 +373,9 @@ GPU_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "{}x{}".format(*s))
-@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("m", [1, 16, 64, 300])
 def test_real_shapes_on_gpu(shape: tuple, m: int) -> None:
+    """The heuristic's path at each M (M = 300: the dense W_s and cuBLAS) on the real shapes."""
     n, k = shape
     formats = [(3, 3, torch.bfloat16), (4, 16, torch.float16)]
     if m == 1:  # the fp16x2 GEMV on every bit width it takes, and the fp32 GEMV on 3 bits
