@@ -228,9 +228,10 @@ def _split_k_need(meta_items: tuple, device: torch.device) -> tuple[int, int]:
     return need[0], need[1]
 
 
-def dequantize_triton(t: SpqrKernelTensors, dtype: torch.dtype, config: KernelConfig | None = None) -> torch.Tensor:
-    """``W_s`` [N, K] in stored column order (codes, statistics and outliers) in ``dtype``, by the
-    kernels of :mod:`.triton_dequant` (a new tensor per call)."""
+def dequantize_triton(t: SpqrKernelTensors, dtype: torch.dtype, config: KernelConfig | None = None,
+                      outliers: bool = True) -> torch.Tensor:
+    """``W_s`` [N, K] in stored column order (codes, statistics and, unless ``outliers`` is False (a
+    benchmark), the outliers) in ``dtype``, by the kernels of :mod:`.triton_dequant` (a new tensor per call)."""
     from effllm_kernels.spqr.triton_dequant import _spqr_dequant_kernel, _spqr_outlier_kernel
 
     cfg = config or KernelConfig("dequant", 1, 64, 4, num_warps=4)
@@ -245,7 +246,7 @@ def dequantize_triton(t: SpqrKernelTensors, dtype: torch.dtype, config: KernelCo
         w, n, k, t.n_groups, t.n_blocks, n_units, ONE_BITS, BITS=t.bits, GROUP=t.group_size,
         STAT_BITS=t.stat_bits, STAT_GROUP=t.stat_group, BN=cfg.block_n, C=cfg.units, INTERPRET=interp,
         num_warps=cfg.num_warps)
-    if t.nnz:  # few rows and many slots per program: every SM busy, few dependent round trips per row
+    if t.nnz and outliers:  # few rows and many slots per program: every SM busy, few dependent round trips per row
         _spqr_outlier_kernel[(-(-n // OUTLIER_SCATTER_ROWS),)](
             t.outlier_rowptr, t.outlier_col, t.outlier_val, w, n, k, BN=OUTLIER_SCATTER_ROWS,
             R=OUTLIER_SCATTER_SLOTS, INTERPRET=interp, num_warps=4)
