@@ -11,9 +11,12 @@ tokens): ``compiled`` = static cache, which makes ``generate`` torch.compile the
 (mode reduce-overhead: CUDA graphs), and ``eager`` = the default dynamic cache. Reports tokens/s
 (new tokens / wall time of the timed generate call, prefill of the short prompt included; the
 first call, with compilation, is a warm-up), the median time of one decode step (from per-step
-timestamps: without the prefill and ``generate``'s set-up), the weights' memory and the peak memory.
+timestamps: without the prefill and ``generate``'s set-up), the time to the first token (prefill of
+``--prompt`` tokens plus set-up: at 128+ tokens the SpQR linears take the dequantize path), the weights'
+memory and the peak memory.
 
     python scripts/bench_spqr_decode.py [--new-tokens 128] [--modes eager,compiled] [--layers 32] [--profile]
+    python scripts/bench_spqr_decode.py --prompt 2048 --new-tokens 16 --modes compiled --compare-fused-prefill
 """
 
 from __future__ import annotations
@@ -93,8 +96,9 @@ def generate_kwargs(new: int, mode: str) -> dict:
     return kw
 
 
-def timed_generate(model: nn.Module, ids: torch.Tensor, new: int, mode: str) -> tuple[float, float]:
-    """(tokens/s of the whole generate call, median ms of one decode step)."""
+def timed_generate(model: nn.Module, ids: torch.Tensor, new: int, mode: str) -> tuple[float, float, float]:
+    """(tokens/s of the whole generate call, median ms of one decode step, ms from the call to the first
+    token: the prefill of the prompt plus ``generate``'s set-up)."""
     kw = generate_kwargs(new, mode)
     model.generate(ids, **kw)  # warm-up (compilation and graph capture for "compiled")
     if mode == "compiled":
@@ -105,7 +109,7 @@ def timed_generate(model: nn.Module, ids: torch.Tensor, new: int, mode: str) -> 
     out = model.generate(ids, logits_processor=transformers.LogitsProcessorList([clock]), **kw)
     torch.cuda.synchronize()
     assert out.shape[1] == ids.shape[1] + new
-    return new / (time.perf_counter() - t0), clock.step_ms()
+    return new / (time.perf_counter() - t0), clock.step_ms(), 1000 * (clock.times[0] - t0)
 
 
 def run(model: nn.Module, label: str, args: argparse.Namespace, rows: list[str]) -> None:
@@ -113,9 +117,11 @@ def run(model: nn.Module, label: str, args: argparse.Namespace, rows: list[str])
     ids = torch.randint(0, 128256, (1, args.prompt), device="cuda")
     for mode in args.modes.split(","):
         torch.cuda.reset_peak_memory_stats()
-        tps, step = timed_generate(model, ids, args.new_tokens if mode == "compiled" else args.eager_tokens, mode)
+        tps, step, first = timed_generate(model, ids, args.new_tokens if mode == "compiled" else args.eager_tokens,
+                                          mode)
         peak = torch.cuda.max_memory_allocated() / 2**30
-        rows.append(f"| {label} | {mode} | {tps:.1f} | {step:.2f} | {1000 / step:.1f} | {weights:.2f} | {peak:.2f} |")
+        rows.append(f"| {label} | {mode} | {tps:.1f} | {step:.2f} | {1000 / step:.1f} | {first:.1f} | {weights:.2f} "
+                    f"| {peak:.2f} |")
         print(rows[-1], flush=True)
         if args.profile and mode == "compiled":
             profile(model, ids, label)
@@ -143,6 +149,8 @@ def main() -> None:
     ap.add_argument("--modes", default="eager,compiled")
     ap.add_argument("--outliers", type=float, default=0.01)
     ap.add_argument("--profile", action="store_true", help="print GPU time per kernel of a compiled generate")
+    ap.add_argument("--compare-fused-prefill", action="store_true",
+                    help="also run the SpQR model with the prefill on the fused kernels (no dequantize path)")
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
     head = (f"- GPU: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton "
@@ -159,9 +167,21 @@ def main() -> None:
             delattr(model, attr)
     torch._dynamo.reset()
     n = to_spqr(model, args.outliers)
-    run(model, f"SpQR 3/3/16/16, {args.outliers:.0%} outliers ({n} linears)", args, rows)
+    label = f"SpQR 3/3/16/16, {args.outliers:.0%} outliers ({n} linears)"
+    run(model, label, args, rows)
+    if args.compare_fused_prefill:  # every M on the fused kernels: what prefill cost before the dequantize path
+        from effllm_kernels.spqr import launch
+
+        launch.DEQUANT_MIN_M = 1 << 30
+        launch._cached_config.cache_clear()
+        for attr in ("_cache", "_compiled_call"):
+            if hasattr(model, attr):
+                delattr(model, attr)
+        torch._dynamo.reset()
+        run(model, label + ", prefill on the fused kernels", args, rows)
     text = head + "\n| model | generate | tokens/s (whole call) | decode step ms (median) | decode steps/s | " \
-        "memory after load GiB | peak GiB |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+        f"first token ms (prompt {args.prompt}) | memory after load GiB | peak GiB |\n|---|---|---|---|---|---|---|---|\n" \
+        + "\n".join(rows) + "\n"
     print("\n" + text)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "bench_spqr_decode.md"), "w") as f:
