@@ -112,7 +112,10 @@ def pick_config(m: int, t: SpqrTensors | SpqrKernelTensors, device: torch.device
     programs per SM at BM = 16 and ~1.5 above (05:50 UTC sweep: the best candidate of all six M = 16 /
     64 cases, or within 5% of it; BM = 32 was not swept; 1.2-1.45x faster than
     the older tensor-core kernel, which serves the other formats and fp32 activations: 128 rows x 2
-    units on 4 warps, 3 stages, split to ~4 programs per SM).
+    units on 4 warps, 3 stages, split to ~4 programs per SM). From DEQUANT_MIN_M rows on (any format and
+    activation dtype): the dense W_s written once (64 rows x 4 units per program) and cuBLAS (2026-11-29
+    08:56-09:05 UTC: ahead of mma16's best candidate at M = 128 on 4096x4096 / 14336x4096 / 4096x14336,
+    44 / 135 / 143 us against 61 / 174 / 174, and 5x at M = 2048; behind it at M = 64).
     """
     if m >= DEQUANT_MIN_M:
         return KernelConfig("dequant", 1, 64, 4, num_warps=4)
