@@ -85,6 +85,7 @@ def _compress(ui: Ui, verb: str, model: str, output: Path | None, method: str, s
               sets: list[str] | None, dataset: str | None, field: str, nsamples: int | None, calib_seqlen: int | None,
               seed: int, device: str, dtype: str, overwrite: bool, dry_run: bool, resume: bool) -> None:
     """Build a one-stage recipe from flags and run it (or plan it with --dry-run)."""
+    from effllm_tools.errors import BadInputError
     from effllm_tools.recipe import apply_override, parse_recipe
     from effllm_tools.registry import get_method
 
@@ -96,8 +97,18 @@ def _compress(ui: Ui, verb: str, model: str, output: Path | None, method: str, s
         "stages": [{"method": method, **{k: v for k, v in stage_keys.items() if v is not None}}],
         "output": {"path": str(output) if output else None, "overwrite": overwrite},
     }
+    flagged = {("stages", 0, k): ("--" + k.replace("_", "-"), v) for k, v in stage_keys.items() if v is not None}
+    flagged.update({("calibration", k): (flag, v) for k, flag, v in (
+        ("dataset", "--dataset", dataset), ("nsamples", "--nsamples", nsamples), ("seqlen", "--calib-seqlen", calib_seqlen))
+        if v is not None})
     for item in sets or []:
         apply_override(raw, item)
+    for path, (flag, value) in flagged.items():  # a --set that silently replaced a flag hides a mistake
+        node: Any = raw
+        for part in path:
+            node = node[part] if isinstance(node, list) else node.get(part) if isinstance(node, dict) else None
+        if node != value:
+            raise BadInputError(f"{flag} {value} and --set {'.'.join(map(str, path))}={node} disagree: give one of them")
     recipe = parse_recipe(raw, source="command line")
     _execute(ui, recipe, device=device, dtype=dtype, dry_run=dry_run, resume=resume)
 

@@ -140,6 +140,10 @@ def plan_recipe(recipe: Recipe, *, model: str | None = None) -> dict[str, Any]:
         check_recipe_output(recipe, source)
     config = load_config(source)
     check_stages_against_config(recipe, config)
+    if recipe.needs_calibration:  # the run would stop there: say so now
+        from effllm_tools.data.sources import check_text_spec
+
+        check_text_spec(recipe.calibration["dataset"])
     with init_empty_weights():
         meta = AutoModelForCausalLM.from_config(config)
     arch = get_arch(config)

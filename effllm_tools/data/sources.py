@@ -47,29 +47,38 @@ def load_text(spec: str, *, field: str = "text") -> TextSource:
     with one line naming the file or set and what is wrong.
     """
     spec = str(spec)
+    check_text_spec(spec)
+    if spec in list_named_sets() and not _looks_like_path(spec):
+        loader = load_hub_set if spec in HUB_SETS else load_offline_set
+        text, meta = loader(spec)
+    else:
+        text, meta = _load_path(Path(spec).expanduser(), field)
+    meta = {**meta, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "chars": len(text)}
+    return TextSource(name=spec, text=text, meta=meta)
+
+
+def check_text_spec(spec: str) -> None:
+    """What ``load_text`` refuses before reading anything (also ``--dry-run``'s check): an empty spec,
+    or a path that does not exist and is not a named set. Reads no text, fetches nothing."""
+    spec = str(spec)
     if not spec.strip():
         raise BadInputError("dataset: empty name; pass a named set or a file/folder path")
     named = list_named_sets()
     if spec in named and not _looks_like_path(spec):
-        loader = load_hub_set if spec in HUB_SETS else load_offline_set
-        text, meta = loader(spec)
-    else:
-        text, meta = _load_path(Path(spec).expanduser(), field, named)
-    meta = {**meta, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "chars": len(text)}
-    return TextSource(name=spec, text=text, meta=meta)
+        return
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise BadInputError(f"{path}: no such file or folder, and not a named set (named sets: {', '.join(named)})")
 
 
 def _looks_like_path(spec: str) -> bool:
     return spec.startswith(".") or "/" in spec or os.sep in spec
 
 
-def _load_path(path: Path, field: str, named: dict[str, str]) -> tuple[str, dict[str, Any]]:
+def _load_path(path: Path, field: str) -> tuple[str, dict[str, Any]]:
+    """A path that exists (:func:`check_text_spec`): a folder, a ``.jsonl`` file or a text file."""
     if path.is_dir():
         return load_folder(path)
-    if not path.exists():
-        raise BadInputError(
-            f"{path}: no such file or folder, and not a named set (named sets: {', '.join(named)})"
-        )
     if path.name.lower().endswith(".jsonl"):
         return load_jsonl(path, field)
     return load_file(path)

@@ -80,6 +80,11 @@ def test_non_decoder_model_is_unsupported(tmp_path):
     (("quantize-kv",), 4, "not available"),
     (("sparsify-attn",), 4, "not available"),
     (("quantize", "--bits", "11"), 2, "bits must be between 2 and 8"),
+    # a flag and a --set of the same key that disagree (the --set used to win silently)
+    (("quantize", "--method", "spqr", "--bits", "3", "--set", "spqr.bits=4"), 2,
+     "--bits 3 and --set stages.0.bits=4 disagree"),
+    (("quantize", "--method", "gptq", "--nsamples", "8", "--set", "calibration.nsamples=16"), 2,
+     "--nsamples 8 and --set calibration.nsamples=16 disagree"),
 ])
 def test_methods_and_keys_are_checked_before_loading(tiny_llama, tmp_path, args, code, needle):
     out = tmp_path / "o"
@@ -328,3 +333,16 @@ def test_chained_commands_keep_the_record_of_earlier_stages(rtn_checkpoint, tmp_
     assert "avg_bits" in prov["history"][0]["metrics"] and [st["method"] for st in prov["stages"]] == ["pi"]
     info = json.loads(run_cli("inspect", str(e), "--json").stdout)
     assert info["methods"] == ["rtn", "pi"]
+
+
+def test_a_flag_and_an_agreeing_set_are_accepted(tiny_llama, tmp_path):
+    proc = run_cli("quantize", "--bits", "4", "--set", "rtn.bits=4", str(tiny_llama), "-o", str(tmp_path / "o"),
+                   "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_dry_run_checks_the_calibration_dataset(tiny_llama, tmp_path):
+    out = tmp_path / "o"
+    proc = run_cli("quantize", "--method", "gptq", "--dataset", str(tmp_path / "missing.txt"), str(tiny_llama),
+                   "-o", str(out), "--dry-run")
+    _assert_clean_failure(proc, 2, "missing.txt: no such file or folder, and not a named set", out)
