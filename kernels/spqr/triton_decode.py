@@ -135,6 +135,21 @@ def outlier_slots(oc_ptr, ov_ptr, perm_ptr, start, end, j0, R: tl.constexpr, HAS
 
 
 @triton.jit
+def mma_tile(N, M, units_per_split, n_units, BN: tl.constexpr, BM: tl.constexpr):
+    """The tensor-core kernels' program tile on grid (row blocks, K splits, activation blocks):
+    (pid_n, pid_k, pid_m, rows rn [BN], activation rows rm [BM], n_mask, m_mask, and the units
+    [u_begin, u_end) of K this split walks)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm = pid_m * BM + tl.arange(0, BM)
+    u_begin = pid_k * units_per_split
+    u_end = tl.minimum(u_begin + units_per_split, n_units)
+    return pid_n, pid_k, pid_m, rn, rm, rn < N, rm < M, u_begin, u_end
+
+
+@triton.jit
 def mma_outliers(x_ptr, stride_xk, perm_ptr, rp_ptr, oc_ptr, ov_ptr, rn, rm, m_mask, N, pid_k, split,
                  R: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
     """The tensor-core kernels' outlier products [BN, BM] (fp32): this K split's share of each row's

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from effllm_kernels.splitk import finish
-from effllm_kernels.spqr.triton_decode import code_tree, mma_outliers, outlier_slots, outlier_span
+from effllm_kernels.spqr.triton_decode import code_tree, mma_outliers, mma_tile, outlier_slots, outlier_span
 from effllm_kernels.spqr.triton_tiles import tile_coeffs, tile_words, x_at
 
 #: Arguments that vary between calls of one configuration: no recompilation per M or K split.
@@ -172,18 +172,10 @@ def _spqr_mma_kernel(
     GL: tl.constexpr = 32 // NG
     BK: tl.constexpr = 32 * C
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rm = pid_m * BM + tl.arange(0, BM)
-    n_mask = rn < N
-    m_mask = rm < M
+    pid_n, pid_k, pid_m, rn, rm, n_mask, m_mask, u_begin, u_end = mma_tile(N, M, units_per_split, n_units, BN, BM)
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
     acc = tl.zeros([BN, BM], dtype=tl.float32)
-    u_begin = pid_k * units_per_split
-    u_end = tl.minimum(u_begin + units_per_split, n_units)
     for u0 in tl.range(u_begin, u_end, C, num_stages=NUM_STAGES):
         units = u0 + rc
         umask = units < u_end

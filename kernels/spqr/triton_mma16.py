@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from effllm_kernels.splitk import finish
-from effllm_kernels.spqr.triton_decode import mma_outliers
+from effllm_kernels.spqr.triton_decode import mma_outliers, mma_tile
 from effllm_kernels.spqr.triton_gemv16 import _decode_stats, _step_loads, pair_codes
 
 _VARYING = ["M", "units_per_split", "split"]
@@ -156,23 +156,15 @@ def _spqr_mma16_kernel(
     """
     T: tl.constexpr = BN // R
     BK: tl.constexpr = 32 * C
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
+    pid_n, pid_k, pid_m, rn, rm, n_mask, m_mask, u_begin, u_end = mma_tile(N, M, units_per_split, n_units, BN, BM)
     first = pid_n * BN + tl.arange(0, T) * R
     rows = first[:, None] + tl.arange(0, R)[None, :]  # [T, R]
     rmask = rows < N
     blk = first // STAT_GROUP  # R divides STAT_GROUP: a thread's rows share one block
-    rn = pid_n * BN + tl.arange(0, BN)
-    rm = pid_m * BM + tl.arange(0, BM)
-    n_mask = rn < N
-    m_mask = rm < M
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
     kin = (rk // 32) * 32 + _code_of_position(rk % 32, BITS)  # stored column of each operand position
     acc = tl.zeros([BN, BM], dtype=tl.float32)
-    u_begin = pid_k * units_per_split
-    u_end = tl.minimum(u_begin + units_per_split, n_units)
     if PREFETCH >= 1:
         units = u_begin + rc
         a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15 = _step_loads(
