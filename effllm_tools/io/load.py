@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import os
 import re
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +91,41 @@ def gguf_errors(path: Path) -> Iterator[None]:
         raise BadInputError(f"{path}: cannot read GGUF file ({first[:200]})") from err
 
 
+#: Seconds to wait for a TCP connection to the hub before treating it as unreachable (:func:`hub_reachable`).
+HUB_PROBE_TIMEOUT_S = 3.0
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable() -> bool:
+    """Whether the model hub can be asked at all: False with ``HF_HUB_OFFLINE``, or when a TCP
+    connection to its endpoint (``HF_ENDPOINT``) fails within HUB_PROBE_TIMEOUT_S. Behind a proxy
+    (a ``*_PROXY`` variable) the direct probe says nothing, so the hub library decides.
+
+    Without it a hub id on a machine with no network waited ~25 s of the hub library's retries
+    before failing, even when the model was in the local cache."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname or "", url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError:
+        return False
+    return True
+
+
+def _hub_kwargs(source: ModelSource) -> dict[str, Any]:
+    """``local_files_only`` for a hub id when the hub is unreachable: the local cache or a fast error."""
+    return {"local_files_only": True} if source.kind == "hub" and not hub_reachable() else {}
+
+
 def load_config(source: ModelSource) -> Any:
     """The transformers config, checked against the architecture table."""
     from transformers import AutoConfig
@@ -99,7 +137,7 @@ def load_config(source: ModelSource) -> Any:
             with gguf_errors(source.path / source.gguf_file):
                 config = AutoConfig.from_pretrained(str(source.path), gguf_file=source.gguf_file)
         elif source.kind == "hub":
-            config = AutoConfig.from_pretrained(source.spec)
+            config = AutoConfig.from_pretrained(source.spec, **_hub_kwargs(source))
         else:
             config = AutoConfig.from_pretrained(str(source.path))
     except BadInputError:
@@ -108,7 +146,9 @@ def load_config(source: ModelSource) -> Any:
         where = source.spec
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if source.kind == "hub":
-            raise BadInputError(f"{where}: not a local path and the model hub is not reachable ({msg[:160]})") from err
+            why = "the model hub could not provide it" if hub_reachable() else \
+                "the model hub is not reachable, and the local cache holds no copy"
+            raise BadInputError(f"{where}: not a local path, {why} ({msg[:160]})") from err
         raise BadInputError(f"{where}: cannot read config ({msg[:200]})") from err
     get_arch(config)  # raises UnsupportedError for non-decoder models
     return config
@@ -129,7 +169,7 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str | torch.dtype | Non
     if source.kind in ("directory", "demo"):
         check_safetensors_files(source.path)  # a truncated file fails here with its name, not mid-load
     where = str(source.path) if source.path else source.spec
-    kwargs: dict[str, Any] = {"dtype": torch_dtype or "auto"}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype or "auto", **_hub_kwargs(source)}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     else:
@@ -140,7 +180,8 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str | torch.dtype | Non
         ctx = gguf_errors(source.path / source.gguf_file) if source.gguf_file else contextlib.nullcontext()
         with ctx:
             model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(where, **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
+            tokenizer = AutoTokenizer.from_pretrained(
+                where, **({"gguf_file": source.gguf_file} if source.gguf_file else {}), **_hub_kwargs(source))
     except (BadInputError, UnsupportedError):
         raise
     except (OSError, ValueError, RuntimeError) as err:
