@@ -81,6 +81,27 @@ def _list_methods(ui: Ui, verb: str) -> None:
     ui.result(payload, plain)
 
 
+def _flag_as_typed(key: str, value: Any) -> str:
+    """A stage-key flag as the user typed it: ``--bits 3``, ``--symmetric`` / ``--asymmetric``."""
+    if isinstance(value, bool):
+        return {"symmetric": "--symmetric" if value else "--asymmetric"}.get(key, f"--{key.replace('_', '-')} {value}")
+    return f"--{key.replace('_', '-')} {value}"
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether a flag's value and a --set's YAML value name the same setting: equal as given, as text,
+    or once both are read as YAML (flag "0.5" and --set 0.5; 4 and 4.0)."""
+    import yaml
+
+    def as_yaml(v: Any) -> Any:
+        try:
+            return yaml.safe_load(v) if isinstance(v, str) else v
+        except yaml.YAMLError:
+            return v
+
+    return a == b or str(a) == str(b) or as_yaml(a) == as_yaml(b)
+
+
 def _compress(ui: Ui, verb: str, model: str, output: Path | None, method: str, stage_keys: dict[str, Any], *,
               sets: list[str] | None, dataset: str | None, field: str, nsamples: int | None, calib_seqlen: int | None,
               seed: int, device: str, dtype: str, overwrite: bool, dry_run: bool, resume: bool) -> None:
@@ -97,18 +118,20 @@ def _compress(ui: Ui, verb: str, model: str, output: Path | None, method: str, s
         "stages": [{"method": method, **{k: v for k, v in stage_keys.items() if v is not None}}],
         "output": {"path": str(output) if output else None, "overwrite": overwrite},
     }
-    flagged = {("stages", 0, k): ("--" + k.replace("_", "-"), v) for k, v in stage_keys.items() if v is not None}
-    flagged.update({("calibration", k): (flag, v) for k, flag, v in (
+    flagged = {("stages", 0, k): (_flag_as_typed(k, v), v) for k, v in stage_keys.items() if v is not None}
+    flagged.update({("calibration", k): (f"{flag} {v}", v) for k, flag, v in (
         ("dataset", "--dataset", dataset), ("nsamples", "--nsamples", nsamples), ("seqlen", "--calib-seqlen", calib_seqlen))
         if v is not None})
+    if output:
+        flagged[("output", "path")] = (f"-o {output}", str(output))
     for item in sets or []:
         apply_override(raw, item)
-    for path, (flag, value) in flagged.items():  # a --set that silently replaced a flag hides a mistake
+    for path, (typed, value) in flagged.items():  # a --set that silently replaced a flag hides a mistake
         node: Any = raw
         for part in path:
             node = node[part] if isinstance(node, list) else node.get(part) if isinstance(node, dict) else None
-        if node != value:
-            raise BadInputError(f"{flag} {value} and --set {'.'.join(map(str, path))}={node} disagree: give one of them")
+        if not _same_value(node, value):
+            raise BadInputError(f"{typed} and --set {'.'.join(map(str, path))}={node} disagree: give one of them")
     recipe = parse_recipe(raw, source="command line")
     _execute(ui, recipe, device=device, dtype=dtype, dry_run=dry_run, resume=resume)
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
-import os
 import re
 import socket
 from collections.abc import Iterator
@@ -91,34 +89,56 @@ def gguf_errors(path: Path) -> Iterator[None]:
         raise BadInputError(f"{path}: cannot read GGUF file ({first[:200]})") from err
 
 
-#: Seconds to wait for a TCP connection to the hub before treating it as unreachable (:func:`hub_reachable`).
+#: Seconds the hub probe may take in all (name lookup and connection), and how long its answer holds
+#: for one endpoint (:func:`hub_reachable`).
 HUB_PROBE_TIMEOUT_S = 3.0
-_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+HUB_PROBE_TTL_S = 60.0
+_HUB_PROBES: dict[tuple[str, bool], tuple[float, bool]] = {}
 
 
-@functools.lru_cache(maxsize=1)
 def hub_reachable() -> bool:
     """Whether the model hub can be asked at all: False with ``HF_HUB_OFFLINE``, or when a TCP
-    connection to its endpoint (``HF_ENDPOINT``) fails within HUB_PROBE_TIMEOUT_S. Behind a proxy
-    (a ``*_PROXY`` variable) the direct probe says nothing, so the hub library decides.
+    connection to its endpoint (``HF_ENDPOINT``) is not made within HUB_PROBE_TIMEOUT_S (name lookup
+    included). Where a proxy applies to the endpoint (``urllib.request.getproxies``: the ``*_PROXY``
+    variables, and the system settings on macOS / Windows) a direct probe says nothing: True, and the
+    hub library decides. The answer holds HUB_PROBE_TTL_S per endpoint.
 
-    Without it a hub id on a machine with no network waited ~25 s of the hub library's retries
-    before failing, even when the model was in the local cache."""
+    Without it a hub id on a machine with no network waited for the hub library's retries (~25 s
+    here for a missing model, minutes for a cached one) before failing or reading the cache."""
+    import threading
+    import time
+    import urllib.request
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
-        return False
-    if any(os.environ.get(v) for v in _PROXY_VARS):
-        return True
+    key = (constants.ENDPOINT, bool(constants.HF_HUB_OFFLINE))
+    held = _HUB_PROBES.get(key)
+    if held is not None and time.monotonic() - held[0] < HUB_PROBE_TTL_S:
+        return held[1]
     url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname or "", url.port or (443 if url.scheme == "https" else 80)),
-                                 timeout=HUB_PROBE_TIMEOUT_S).close()
-    except OSError:
-        return False
-    return True
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    proxies = urllib.request.getproxies()
+    if key[1]:
+        ok = False
+    elif (proxies.get(url.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host):
+        ok = True
+    else:
+        result: list[bool] = []
+
+        def probe() -> None:
+            try:
+                socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+                result.append(True)
+            except Exception:  # noqa: BLE001 - any failure of the probe means: do not wait for the hub
+                result.append(False)
+
+        worker = threading.Thread(target=probe, daemon=True)  # one deadline for the lookup and every address
+        worker.start()
+        worker.join(HUB_PROBE_TIMEOUT_S)
+        ok = bool(result and result[0])
+    _HUB_PROBES[key] = (time.monotonic(), ok)
+    return ok
 
 
 def _hub_kwargs(source: ModelSource) -> dict[str, Any]:

@@ -21,8 +21,9 @@ from effllm_kernels.spqr.scratch import x_scratch
 #: tensor-core kernel at M = 4 29.5 / 57.9 / 56.5 us (ahead only on 4096x14336).
 GEMV_MAX_M = 3
 #: Smallest M served by dequantizing the layer once per call and one cuBLAS matmul (:mod:`.triton_dequant`);
-#: below it the fused kernels. H200 measurement: see pick_config.
-DEQUANT_MIN_M = 128
+#: below it the fused kernels. H200 measurement: see pick_config. From 65 rows the tensor-core kernel runs
+#: two 64-row tiles (the grid and split of M = 128, where the dequantize path was ahead on every shape).
+DEQUANT_MIN_M = 65
 #: Rows and slots per row of a program of the dequantize path's outlier scatter (:mod:`.triton_dequant`):
 #: 128 rows x 4 slots left 32 programs walking ~45 dependent steps each on a 4096 x 14336 layer.
 OUTLIER_SCATTER_ROWS, OUTLIER_SCATTER_SLOTS = 8, 64
@@ -115,7 +116,8 @@ def pick_config(m: int, t: SpqrTensors | SpqrKernelTensors, device: torch.device
     units on 4 warps, 3 stages, split to ~4 programs per SM). From DEQUANT_MIN_M rows on (any format and
     activation dtype): the dense W_s written once (64 rows x 4 units per program) and cuBLAS (2026-11-29
     08:56-09:05 UTC: ahead of mma16's best candidate at M = 128 on 4096x4096 / 14336x4096 / 4096x14336,
-    44 / 135 / 143 us against 61 / 174 / 174, and 5x at M = 2048; behind it at M = 64).
+    44 / 135 / 143 us against 61 / 174 / 174, and 5x at M = 2048; behind it at M = 64, where mma16 needs one
+    64-row tile: 42 / 95 / 103 us). M = 65-127 runs mma16 with the two tiles of M = 128 (not timed there).
     """
     if m >= DEQUANT_MIN_M:
         return KernelConfig("dequant", 1, 64, 4, num_warps=4)
@@ -259,13 +261,16 @@ def dequantize_triton(t: SpqrKernelTensors, dtype: torch.dtype, config: KernelCo
 def dequant_matmul(x2: torch.Tensor, t: SpqrKernelTensors, bias: torch.Tensor | None, y: torch.Tensor,
                    cfg: KernelConfig) -> None:
     """y [M, N] = x2[:, perm] @ W_s^T (+ bias) through the dense W_s of :func:`dequantize_triton`
-    and one cuBLAS matmul in x's dtype (fp32 accumulation inside cuBLAS)."""
+    and one ``torch.mm`` in x's dtype (cuBLAS on CUDA, under torch's matmul precision settings: reduced-
+    precision bf16/fp16 reductions and TF32 apply as they do to a dense layer). Like the fused kernels it
+    records no autograd graph."""
     w = dequantize_triton(t, x2.dtype, cfg)
     xp = x2.index_select(1, t.perm) if t.perm is not None else x2
-    if bias is None:
-        torch.mm(xp, w.t(), out=y)
-    else:
-        torch.addmm(bias.to(x2.dtype), xp, w.t(), out=y)
+    with torch.no_grad():  # mm(out=) refuses inputs that require grad
+        if bias is None:
+            torch.mm(xp, w.t(), out=y)
+        else:
+            torch.addmm(bias.to(x2.dtype), xp, w.t(), out=y)
 
 
 def spqr_matmul_triton(

@@ -85,6 +85,7 @@ def test_non_decoder_model_is_unsupported(tmp_path):
      "--bits 3 and --set stages.0.bits=4 disagree"),
     (("quantize", "--method", "gptq", "--nsamples", "8", "--set", "calibration.nsamples=16"), 2,
      "--nsamples 8 and --set calibration.nsamples=16 disagree"),
+    (("quantize", "--asymmetric", "--set", "rtn.symmetric=true"), 2, "--asymmetric and --set stages.0.symmetric=True"),
 ])
 def test_methods_and_keys_are_checked_before_loading(tiny_llama, tmp_path, args, code, needle):
     out = tmp_path / "o"
@@ -335,9 +336,11 @@ def test_chained_commands_keep_the_record_of_earlier_stages(rtn_checkpoint, tmp_
     assert info["methods"] == ["rtn", "pi"]
 
 
-def test_a_flag_and_an_agreeing_set_are_accepted(tiny_llama, tmp_path):
-    proc = run_cli("quantize", "--bits", "4", "--set", "rtn.bits=4", str(tiny_llama), "-o", str(tmp_path / "o"),
-                   "--dry-run")
+@pytest.mark.parametrize("args", [("quantize", "--bits", "4", "--set", "rtn.bits=4"),
+                                  ("prune", "--sparsity", "0.5", "--set", "wanda.sparsity=0.5"),  # a string and a float
+                                  ("prune", "--sparsity", "2:4", "--set", 'wanda.sparsity="2:4"')])
+def test_a_flag_and_an_agreeing_set_are_accepted(tiny_llama, tmp_path, args):
+    proc = run_cli(*args, str(tiny_llama), "-o", str(tmp_path / "o"), "--dry-run")
     assert proc.returncode == 0, proc.stderr
 
 

@@ -111,6 +111,19 @@ def test_dequantize_kernel_gives_the_stored_weights(shape: tuple) -> None:
     assert w.shape == (n, k) and torch.allclose(w, ref, rtol=1e-5, atol=1e-6), (w - ref).abs().max()
 
 
+def test_dequantize_path_without_bias_with_leading_dims_and_grad_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The heuristic's path at M >= DEQUANT_MIN_M through the dispatcher: no bias (torch.mm), a 3-D x,
+    an x that requires grad (the result carries no graph, as on the fused paths)."""
+    from effllm_kernels.spqr.launch import DEQUANT_MIN_M
+
+    t = random_spqr_tensors(24, 96, 3, 16, 3, 16, outlier_density=0.05, seed=31, device=DEVICE)
+    x = torch.randn(2, DEQUANT_MIN_M, 96, device=DEVICE, requires_grad=True)
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    y = spqr_linear(x, repack(t))
+    assert y.shape == (2, DEQUANT_MIN_M, 24) and not y.requires_grad
+    assert_close_to_reference(y.reshape(-1, 24), x.detach().reshape(-1, 96), t)
+
+
 def test_large_batches_take_the_dequantize_path() -> None:
     from effllm_kernels.spqr.launch import DEQUANT_MIN_M, pick_config
 
