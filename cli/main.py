@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from effllm_cli.output import RichReporter, Ui, effllm_version, run_guarded
+from effllm_cli.output import RichReporter, Terminated, Ui, effllm_version, run_guarded
 
 app = typer.Typer(
     name="effllm",
@@ -345,7 +345,13 @@ def _parser_error(err: BaseException) -> bool:
 def main() -> None:
     """Run the app; a usage error that the parser finds (an unknown option, a value of the wrong type)
     is one ``effllm: error:`` line, exit 2, and with ``--json`` an error object on stdout, like every
-    other error."""
+    other error. SIGTERM is handled like Ctrl-C (clean-up, the error line, exit 143)."""
+    import signal
+
+    def _terminate(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         code = app(standalone_mode=False)
     except Exception as err:  # noqa: BLE001 - only the parser's usage errors are handled here

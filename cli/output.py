@@ -28,7 +28,12 @@ SCHEMA = "effllm.result/1"
 
 # The exit codes raised here rather than by an EffllmError (README "Exit codes"; effllm_tools.errors.ExitCode
 # holds them all, but importing effllm_tools loads torch and transformers, which --version must not wait for).
-EXIT_INTERNAL, EXIT_OOM, EXIT_INTERRUPTED = 1, 3, 130
+EXIT_INTERNAL, EXIT_OOM, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 3, 130, 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, a cancelled CI job, ``kill``), raised in the main thread like Ctrl-C so that
+    the same clean-up runs: no partial output is left (``main`` installs the handler)."""
 
 
 def effllm_version() -> str:
@@ -123,6 +128,8 @@ def run_guarded(ui: Ui, body: Any) -> int:
     try:
         body()
         return 0
+    except Terminated:
+        return ui.fail(EXIT_TERMINATED, "terminated (SIGTERM); no output was written")
     except KeyboardInterrupt:
         return ui.fail(EXIT_INTERRUPTED, "interrupted; no output was written")
     except BrokenPipeError:  # the reader of stdout went away (`| head -0`): the work itself is done
