@@ -110,7 +110,10 @@ def _compress(ui: Ui, verb: str, model: str, output: Path | None, method: str, s
     from effllm_tools.recipe import apply_override, parse_recipe
     from effllm_tools.registry import get_method
 
-    get_method(method, verb)  # unknown / unavailable methods exit before anything loads
+    spec = get_method(method, verb)  # unknown / unavailable methods exit before anything loads
+    if dataset is not None and "dataset" in spec.keys():  # a method with its own text (longrope's needle
+        stage_keys = {**stage_keys, "dataset": dataset}    # documents) takes --dataset as that key
+        dataset = None
     calibration = {k: v for k, v in {"dataset": dataset, "field": field, "nsamples": nsamples,
                                      "seqlen": calib_seqlen}.items() if v is not None}
     raw: dict[str, Any] = {

@@ -140,10 +140,13 @@ def plan_recipe(recipe: Recipe, *, model: str | None = None) -> dict[str, Any]:
         check_recipe_output(recipe, source)
     config = load_config(source)
     check_stages_against_config(recipe, config)
-    if recipe.needs_calibration:  # the run would stop there: say so now
-        from effllm_tools.data.sources import check_text_spec
+    from effllm_tools.data.sources import check_text_spec
 
+    if recipe.needs_calibration:  # the run would stop there: say so now
         check_text_spec(recipe.calibration["dataset"])
+    for st in recipe.stages:  # a stage's own text (longrope's needle documents)
+        if isinstance(st.to_dict().get("dataset"), str):
+            check_text_spec(st.to_dict()["dataset"])
     with init_empty_weights():
         meta = AutoModelForCausalLM.from_config(config)
     arch = get_arch(config)

@@ -349,3 +349,16 @@ def test_dry_run_checks_the_calibration_dataset(tiny_llama, tmp_path):
     proc = run_cli("quantize", "--method", "gptq", "--dataset", str(tmp_path / "missing.txt"), str(tiny_llama),
                    "-o", str(out), "--dry-run")
     _assert_clean_failure(proc, 2, "missing.txt: no such file or folder, and not a named set", out)
+
+
+def test_dataset_of_a_method_with_its_own_text_goes_to_the_stage(tiny_llama, tmp_path):
+    """longrope / longrope2 read their needle documents from the stage's `dataset` key, not the calibration
+    set: --dataset lands there (it was ignored), and --dry-run checks it."""
+    out = tmp_path / "o"
+    ok = run_cli("extend-context", "--method", "longrope2", "--target-length", "512", "--dataset", "austen-persuasion",
+                 str(tiny_llama), "-o", str(out), "--dry-run", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["plan"]["stages"][0]["dataset"] == "austen-persuasion"
+    bad = run_cli("extend-context", "--method", "longrope2", "--target-length", "512", "--dataset",
+                  str(tmp_path / "none.txt"), str(tiny_llama), "-o", str(out), "--dry-run")
+    _assert_clean_failure(bad, 2, "none.txt: no such file or folder", out)
