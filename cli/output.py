@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -29,6 +30,10 @@ SCHEMA = "effllm.result/1"
 # The exit codes raised here rather than by an EffllmError (README "Exit codes"; effllm_tools.errors.ExitCode
 # holds them all, but importing effllm_tools loads torch and transformers, which --version must not wait for).
 EXIT_INTERNAL, EXIT_OOM, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 3, 130, 143
+
+
+#: OSError numbers that mean the output cannot be written (read-only, permission, full disk or quota).
+_WRITE_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
 
 
 class Terminated(KeyboardInterrupt):
@@ -147,6 +152,9 @@ def run_guarded(ui: Ui, body: Any) -> int:
             return ui.fail(int(ExitCode.UNSUPPORTED), str(err).splitlines()[0])
         import torch
 
+        if isinstance(err, OSError) and err.errno in _WRITE_ERRNOS:  # the output's disk, not a bug
+            where = f" {err.filename}" if err.filename else ""
+            return ui.fail(2, f"cannot write{where}: {os.strerror(err.errno)}; choose another -o/--output or free space")
         if isinstance(err, torch.OutOfMemoryError | MemoryError):
             return ui.fail(EXIT_OOM, f"out of memory ({str(err).splitlines()[0][:160] if str(err) else type(err).__name__}); "
                                      "try --device cpu, a smaller --batch-size or fewer calibration samples")

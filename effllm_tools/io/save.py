@@ -43,6 +43,12 @@ def check_output_path(out: Path, *, overwrite: bool, inputs: list[Path]) -> None
     if out.exists() and not (out / PROVENANCE_FILE).is_file() and any(out.iterdir()):
         raise BadInputError(f"output {out} exists and is not an effllm output (no {PROVENANCE_FILE}); "
                             "--overwrite replaces only effllm outputs: remove it or choose another -o/--output")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:  # the folder the output (and its state) goes into
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInputError(f"output {out}: cannot write into {parent} (read-only or no permission); "
+                            "choose another -o/--output")
 
 
 @contextlib.contextmanager

@@ -362,3 +362,23 @@ def test_dataset_of_a_method_with_its_own_text_goes_to_the_stage(tiny_llama, tmp
     bad = run_cli("extend-context", "--method", "longrope2", "--target-length", "512", "--dataset",
                   str(tmp_path / "none.txt"), str(tiny_llama), "-o", str(out), "--dry-run")
     _assert_clean_failure(bad, 2, "none.txt: no such file or folder", out)
+
+
+def test_unwritable_output_folder_is_bad_input(tmp_path, monkeypatch):
+    """A read-only or forbidden output parent is refused before any work (a root test user bypasses
+    permission bits, so os.access is patched), and a write that fails later is exit 2, not a bug."""
+    import errno
+
+    from effllm_cli.output import Ui, run_guarded
+    from effllm_tools.errors import BadInputError
+    from effllm_tools.io.save import check_output_path
+
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode))
+    with pytest.raises(BadInputError, match="cannot write into"):
+        check_output_path(tmp_path / "new" / "out", overwrite=False, inputs=[])
+
+    def body():
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "x"))
+
+    assert run_guarded(Ui(quiet=True, command="quantize"), body) == 2
