@@ -249,6 +249,16 @@ def run(
     _finish(run_guarded(ui, body))
 
 
+def _check_gate(flag: str, limit: float | None, low: float, high: float) -> None:
+    """A quality gate's limit must be a finite number in [low, high] (NaN passed every result)."""
+    import math
+
+    from effllm_tools.errors import BadInputError
+
+    if limit is not None and not (math.isfinite(limit) and low <= limit <= high):
+        raise BadInputError(f"{flag} must be a finite number in [{low:g}, {high:g}], got {limit}")
+
+
 def _gated_result(ui: Ui, res: dict[str, Any], plain: str, gate: str, limit: float | None, *, failed: bool,
                   message: str) -> None:
     """Print an evaluation result with its quality gate (``--max-ppl`` / ``--min-accuracy``): a failed
@@ -257,6 +267,8 @@ def _gated_result(ui: Ui, res: dict[str, Any], plain: str, gate: str, limit: flo
 
     if limit is not None:
         res["gate"] = {gate: limit, "passed": not failed}
+    if failed:  # the keys every failure's JSON object has (README, Exit codes)
+        res = {**res, "exit_code": int(QualityGateError.exit_code), "error": message}
     ui.result(res, plain, status="gate_failed" if failed else "ok")
     if failed:
         raise QualityGateError(message)
@@ -282,6 +294,7 @@ def eval_ppl(
     def body() -> None:
         from effllm_tools.eval.run import run_eval_ppl
 
+        _check_gate("--max-ppl", max_ppl, 0.0, float("inf"))
         res = run_eval_ppl(model, dataset=dataset, field=field, seqlen=seqlen, max_tokens=max_tokens,
                            batch_size=batch_size, kld_base=kld_base, device=device, dtype=dtype, seed=seed,
                            reporter=RichReporter(ui), allow_beyond_max=allow_beyond_max)
@@ -311,6 +324,7 @@ def eval_passkey(
     def body() -> None:
         from effllm_tools.eval.passkey import parse_list, run_eval_passkey
 
+        _check_gate("--min-accuracy", min_accuracy, 0.0, 1.0)
         res = run_eval_passkey(model, lengths=parse_list(lengths, int, "lengths"), depths=parse_list(depths, float, "depths"),
                                trials=trials, dataset=dataset, device=device, dtype=dtype, seed=seed,
                                allow_beyond_max=allow_beyond_max, reporter=RichReporter(ui))

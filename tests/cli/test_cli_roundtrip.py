@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from tests.conftest import parse_json_stdout, run_cli, tree_digest
@@ -134,4 +135,15 @@ def test_max_ppl_gate_in_json_mode_prints_one_object(tiny_llama, sample_text):
     assert proc.returncode == 5
     res = parse_json_stdout(proc)
     assert res["status"] == "gate_failed" and res["gate"] == {"max_ppl": 1.0, "passed": False}
+    assert res["exit_code"] == 5 and "exceeds --max-ppl" in res["error"]  # the keys of every failure's object
     assert "exceeds --max-ppl" in proc.stderr
+
+
+@pytest.mark.parametrize("args", [("eval-ppl", "--max-ppl", "nan"), ("eval-ppl", "--max-ppl", "-1"),
+                                  ("eval-passkey", "--min-accuracy", "nan"), ("eval-passkey", "--min-accuracy", "1.5")])
+def test_gate_limits_must_be_finite_and_in_range(tiny_llama, args):
+    """NaN passed every result (and wrote invalid JSON); an accuracy above 1 could never pass."""
+    verb, *gate = args
+    proc = run_cli(verb, str(tiny_llama), *gate, "--json")
+    assert proc.returncode == 2, proc.stderr
+    assert "must be a finite number" in parse_json_stdout(proc)["error"]
