@@ -132,8 +132,10 @@ def parse_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
     calibration = _merge_checked(raw.get("calibration"), CALIBRATION_DEFAULTS, CALIBRATION_TYPES, f"{source}: calibration")
     output = _merge_checked(raw.get("output"), OUTPUT_DEFAULTS, {"path": str, "overwrite": bool}, f"{source}: output")
     seed = raw.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise BadInputError(f"{source}: 'seed' must be an integer, got {seed!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise BadInputError(f"{source}: 'seed' must be an integer in [0, 2**63), got {seed!r}")
+    if output.get("path"):  # "~/out": the output and its state folder beside it both under $HOME
+        output = {**output, "path": str(Path(output["path"]).expanduser())}
     return Recipe(model, stages, calibration, seed, output, raw.get("name"))
 
 
@@ -180,7 +182,7 @@ def _parse_stage(raw: Any, where: str) -> Stage:
 
 
 def validate_order(stages: list[Stage], source: str) -> None:
-    """Stages must follow KIND_ORDER, and there is at most one weight quantizer."""
+    """Stages must follow KIND_ORDER, and there is at most one weight quantizer and one context extension."""
     ranks = [KIND_ORDER.index(st.spec.kind) for st in stages]
     for i in range(1, len(stages)):
         if ranks[i] < ranks[i - 1]:
@@ -191,6 +193,9 @@ def validate_order(stages: list[Stage], source: str) -> None:
     quant = [st.method for st in stages if st.spec.kind == "weight-quant"]
     if len(quant) > 1:
         raise BadInputError(f"{source}: two weight quantizers ({', '.join(quant)}); a recipe may have one")
+    extend = [st.method for st in stages if st.spec.kind == "extend-context"]
+    if len(extend) > 1:  # the second would find the first's RoPE scaling and refuse it after loading
+        raise BadInputError(f"{source}: two context extensions ({', '.join(extend)}); a recipe may have one")
 
 
 def _coerce_float(value: Any, tp: Any) -> Any:

@@ -135,9 +135,12 @@ def plan_recipe(recipe: Recipe, *, model: str | None = None) -> dict[str, Any]:
 
     from effllm_tools.pipeline.arch import get_arch
 
-    source = resolve_source(model or recipe.model or "")
-    if recipe.output.get("path"):
-        check_recipe_output(recipe, source)
+    if not (model or recipe.model):  # what the run refuses, refused here too
+        raise BadInputError("the recipe names no model (set 'model:' or pass MODEL)")
+    if not recipe.output.get("path"):
+        raise BadInputError("no output directory: pass -o/--output or set output.path in the recipe")
+    source = resolve_source(model or recipe.model)
+    check_recipe_output(recipe, source)
     config = load_config(source)
     check_stages_against_config(recipe, config)
     from effllm_tools.data.sources import check_text_spec

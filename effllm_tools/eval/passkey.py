@@ -77,12 +77,15 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def parse_list(text: str, kind: type, what: str) -> list:
+    items = text.replace(" ", "").split(",")
     try:
-        values = [kind(v) for v in text.replace(" ", "").split(",") if v]
+        values = [kind(v) for v in items if v]
     except ValueError:
         raise BadInputError(f"--{what} {text!r}: expected a comma-separated list of numbers") from None
     if not values:
         raise BadInputError(f"--{what}: empty list")
+    if "" in items or len(set(values)) != len(values):  # "256,,512", "256,256": a typo, never meant
+        raise BadInputError(f"--{what} {text!r}: empty or repeated items")
     return values
 
 

@@ -86,6 +86,9 @@ def test_non_decoder_model_is_unsupported(tmp_path):
     (("quantize", "--method", "gptq", "--nsamples", "8", "--set", "calibration.nsamples=16"), 2,
      "--nsamples 8 and --set calibration.nsamples=16 disagree"),
     (("quantize", "--asymmetric", "--set", "rtn.symmetric=true"), 2, "--asymmetric and --set stages.0.symmetric=True"),
+    (("extend-context", "--method", "yarn", "--target-length", "512", "--set", "yarn.beta_fast=1",
+      "--set", "yarn.beta_slow=32"), 2, "need beta_fast > beta_slow > 0"),  # swapped: silently a worse model
+    (("quantize", "--seed", str(10**23)), 2, "'seed' must be an integer in [0, 2**63)"),  # was an internal error
 ])
 def test_methods_and_keys_are_checked_before_loading(tiny_llama, tmp_path, args, code, needle):
     out = tmp_path / "o"
@@ -382,3 +385,25 @@ def test_unwritable_output_folder_is_bad_input(tmp_path, monkeypatch):
         raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "x"))
 
     assert run_guarded(Ui(quiet=True, command="quantize"), body) == 2
+
+
+def test_dry_run_refuses_what_the_run_refuses(tiny_llama, tmp_path):
+    """No model, no output path, two context extensions: the run stops on each, so --dry-run does too
+    (it planned the working directory as the model, or said ok)."""
+    cases = [("stages:\n  - method: rtn\n", [], "the recipe names no model"),
+             (f"model: {tiny_llama}\nstages:\n  - method: rtn\n", [], "no output directory"),
+             (f"model: {tiny_llama}\nstages:\n  - {{method: pi, target_length: 512}}\n"
+              "  - {method: yarn, target_length: 1024}\n", ["-o", str(tmp_path / "o")], "two context extensions")]
+    for body, extra, needle in cases:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text("version: 1\n" + body)
+        proc = run_cli("run", str(recipe), *extra, "--dry-run", cwd=tiny_llama)
+        _assert_clean_failure(proc, 2, needle, tmp_path / "o")
+
+
+def test_home_in_a_recipe_output_path_is_expanded(tiny_llama):
+    from effllm_tools.recipe import parse_recipe
+
+    recipe = parse_recipe({"version": 1, "model": str(tiny_llama), "stages": [{"method": "rtn"}],
+                           "output": {"path": "~/effllm-out"}})
+    assert recipe.output["path"] == os.path.join(os.path.expanduser("~"), "effllm-out")

@@ -89,3 +89,12 @@ def test_cli_json_schema_limit_and_gate(tiny_llama):
     assert obj["command"] == "eval-passkey" and obj["status"] == "gate_failed"
     assert set(obj["metrics"]["accuracy_by_length"]) == {"260", "300"} and obj["metrics"]["trials"] == 4
     assert len(obj["records"]) == 4 and obj["settings"]["allow_beyond_max"] is True
+
+
+@pytest.mark.parametrize("text", ["256,256", "256,,512", "0.5,0.5"])
+def test_lists_with_empty_or_repeated_items_are_refused(text):
+    from effllm_tools.errors import BadInputError
+    from effllm_tools.eval.passkey import parse_list
+
+    with pytest.raises(BadInputError, match="empty or repeated items"):
+        parse_list(text, float, "depths")

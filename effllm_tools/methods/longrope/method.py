@@ -57,6 +57,12 @@ class YarnConfig(ScalingConfig):
     beta_fast: float = 32.0
     beta_slow: float = 1.0
 
+    def validate(self) -> None:
+        super().validate()
+        if not (math.isfinite(self.beta_fast) and math.isfinite(self.beta_slow) and self.beta_fast > self.beta_slow > 0):
+            raise BadInputError(f"yarn: need beta_fast > beta_slow > 0 (rotations per window: the ramp runs from "
+                                f"beta_slow to beta_fast), got beta_fast {self.beta_fast}, beta_slow {self.beta_slow}")
+
 
 @dataclass
 class SearchConfig(SearchSettings, ScalingConfig):
