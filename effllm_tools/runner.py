@@ -14,7 +14,7 @@ import torch
 
 from effllm_tools.errors import BadInputError
 from effllm_tools.io.load import LoadedModel, load_config, load_model, resolve_source
-from effllm_tools.io.save import PROVENANCE_FILE, check_output_path, write_checkpoint
+from effllm_tools.io.save import PROVENANCE_FILE, check_output_path, output_lock, write_checkpoint
 from effllm_tools.provenance import base_record, recipe_hash
 from effllm_tools.recipe import Recipe
 from effllm_tools.reporting import Reporter
@@ -195,48 +195,49 @@ def run_recipe(recipe: Recipe, *, device: str = "auto", dtype: str | None = None
     source = resolve_source(recipe.model)
     check_recipe_output(recipe, source)
     check_stages_against_config(recipe, load_config(source))
-    device = resolve_device(device)
-    seed_everything(recipe.seed)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    loaded = load_model(recipe.model, device="cpu", dtype=dtype)
-    timings["load_s"] = time.perf_counter() - t0
-    arch = get_arch(loaded.model.config)
-    state_dir = out.parent / f".{out.name}.state"
-    ctx = StageContext(loaded, recipe, device, reporter, layers_prefix_of(loaded.model, arch), arch,
-                       state_dir=state_dir, resume=resume)
-    stage_records = []
-    for i, stage in enumerate(recipe.stages):
-        reporter.info(f"stage {i}: {stage.method}")
-        t = time.perf_counter()
-        result = stage.spec.apply(ctx, stage.config)
-        for key in ("quantized_modules", "pruned_modules"):
-            if result.metrics.get(key) == 0:
-                raise BadInputError(f"{stage.method}: no linear layer was changed (does `ignore` match them all?)")
-        timings[f"stage{i}_{stage.method}_s"] = time.perf_counter() - t
-        stage_records.append({"method": stage.method, "config": stage.to_dict(), "metrics": result.metrics})
-    if ctx.modules:
-        loaded.model.config.quantization_config = {
-            "quant_method": QUANT_METHOD, "version": 1,
-            "methods": [st.method for st in recipe.stages], "modules": ctx.modules,
+    with output_lock(out):  # a second run on the same -o would delete this one's state and output
+        device = resolve_device(device)
+        seed_everything(recipe.seed)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        loaded = load_model(recipe.model, device="cpu", dtype=dtype)
+        timings["load_s"] = time.perf_counter() - t0
+        arch = get_arch(loaded.model.config)
+        state_dir = out.parent / f".{out.name}.state"
+        ctx = StageContext(loaded, recipe, device, reporter, layers_prefix_of(loaded.model, arch), arch,
+                           state_dir=state_dir, resume=resume)
+        stage_records = []
+        for i, stage in enumerate(recipe.stages):
+            reporter.info(f"stage {i}: {stage.method}")
+            t = time.perf_counter()
+            result = stage.spec.apply(ctx, stage.config)
+            for key in ("quantized_modules", "pruned_modules"):
+                if result.metrics.get(key) == 0:
+                    raise BadInputError(f"{stage.method}: no linear layer was changed (does `ignore` match them all?)")
+            timings[f"stage{i}_{stage.method}_s"] = time.perf_counter() - t
+            stage_records.append({"method": stage.method, "config": stage.to_dict(), "metrics": result.metrics})
+        if ctx.modules:
+            loaded.model.config.quantization_config = {
+                "quant_method": QUANT_METHOD, "version": 1,
+                "methods": [st.method for st in recipe.stages], "modules": ctx.modules,
+            }
+        metrics = {k: v for rec in stage_records for k, v in rec["metrics"].items()}
+        recipe_dict = recipe.to_dict()
+        provenance = {
+            **base_record(device),
+            "source": source.describe(),
+            "history": input_history(source),
+            "recipe_sha256": recipe_hash(recipe_dict),
+            "seed": recipe.seed,
+            "data": ctx.calibration_record(),
+            "stages": stage_records,
+            "metrics": metrics,
         }
-    metrics = {k: v for rec in stage_records for k, v in rec["metrics"].items()}
-    recipe_dict = recipe.to_dict()
-    provenance = {
-        **base_record(device),
-        "source": source.describe(),
-        "history": input_history(source),
-        "recipe_sha256": recipe_hash(recipe_dict),
-        "seed": recipe.seed,
-        "data": ctx.calibration_record(),
-        "stages": stage_records,
-        "metrics": metrics,
-    }
-    t = time.perf_counter()
-    written = write_checkpoint(loaded.model, loaded.tokenizer, out, overwrite=recipe.output["overwrite"],
-                               provenance={**provenance, "timings": timings}, recipe=recipe_dict)
-    timings["write_s"] = time.perf_counter() - t
-    if state_dir.exists():
-        shutil.rmtree(state_dir, ignore_errors=True)
-    return {"output_dir": str(written), "metrics": metrics, "timings": timings, "stages": stage_records,
-            "provenance": provenance}
+        t = time.perf_counter()
+        written = write_checkpoint(loaded.model, loaded.tokenizer, out, overwrite=recipe.output["overwrite"],
+                                   provenance={**provenance, "timings": timings}, recipe=recipe_dict)
+        timings["write_s"] = time.perf_counter() - t
+        if state_dir.exists():
+            shutil.rmtree(state_dir, ignore_errors=True)
+        return {"output_dir": str(written), "metrics": metrics, "timings": timings, "stages": stage_records,
+                "provenance": provenance}

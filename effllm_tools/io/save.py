@@ -52,6 +52,35 @@ def check_output_path(out: Path, *, overwrite: bool, inputs: list[Path]) -> None
 
 
 @contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the output path for one run (a ``.NAME.lock`` file beside it, removed
+    at the end; the kernel drops the lock if the process dies): a second run on the same path is bad
+    input at once, not a run that deletes the first one's resume state mid-way. No-op without fcntl."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    out = out.expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{out.name}.lock"
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise BadInputError(f"output {out}: another effllm run is writing it; wait for it or choose another "
+                                "-o/--output") from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                lock.unlink()
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def atomic_directory(out: Path, *, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``out`` only if the block finishes."""
     out = out.expanduser().resolve()

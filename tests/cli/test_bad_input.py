@@ -407,3 +407,18 @@ def test_home_in_a_recipe_output_path_is_expanded(tiny_llama):
     recipe = parse_recipe({"version": 1, "model": str(tiny_llama), "stages": [{"method": "rtn"}],
                            "output": {"path": "~/effllm-out"}})
     assert recipe.output["path"] == os.path.join(os.path.expanduser("~"), "effllm-out")
+
+
+def test_a_second_run_on_the_same_output_is_refused(tiny_llama, tmp_path):
+    """While one run holds the output path (its lock), another on it is exit 2 at once: it used to
+    delete the first run's resume state and make it fail (exit 1)."""
+    from effllm_tools.io.save import output_lock
+
+    out = tmp_path / "o"
+    with output_lock(out):
+        proc = run_cli("prune", "--method", "magnitude", "--sparsity", "0.3", str(tiny_llama), "-o", str(out))
+        _assert_clean_failure(proc, 2, "another effllm run is writing it")  # (the lock file is this test's)
+        assert not out.exists()
+    assert not [p.name for p in tmp_path.iterdir()]  # the lock file went with the lock
+    assert run_cli("prune", "--method", "magnitude", "--sparsity", "0.3", str(tiny_llama), "-o", str(out)).returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
