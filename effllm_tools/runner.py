@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 import time
@@ -197,6 +198,8 @@ def run_recipe(recipe: Recipe, *, device: str = "auto", dtype: str | None = None
     check_stages_against_config(recipe, load_config(source))
     with output_lock(out):  # a second run on the same -o would delete this one's state and output
         device = resolve_device(device)
+        logging.getLogger("effllm").debug("recipe %s on %s, seed %d, stages %s, calibration %s", recipe.model, device,
+                                          recipe.seed, [st.to_dict() for st in recipe.stages], recipe.calibration)
         seed_everything(recipe.seed)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()

@@ -46,8 +46,7 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
         "path": str(path.resolve()),
         "model_type": config.get("model_type"),
         "architectures": config.get("architectures"),
-        "methods": [st.get("method") for st in [*provenance.get("history", []), *provenance.get("stages", [])]]
-        if provenance else [],
+        "methods": [st.get("method") for st in _all_stages(provenance)],
         "quantization": {"quant_method": qc.get("quant_method"), "modules": len(modules), "bits": bits,
                          "formats": sorted({m.get("format") for m in modules.values()}),
                          "avg_bits": _avg_bits(modules, provenance)} if qc else None,
@@ -71,13 +70,23 @@ def _avg_bits(modules: dict[str, dict[str, Any]], provenance: dict[str, Any] | N
              if "avg_bits" in m and "in_features" in m and "out_features" in m]
     if sized and len(sized) == len(modules):
         return sum(b * n for b, n in sized) / max(sum(n for _, n in sized), 1)
-    return ((provenance or {}).get("metrics") or {}).get("avg_bits")
+    recorded = ((provenance or {}).get("metrics") or {}).get("avg_bits")
+    for stage in _all_stages(provenance):  # a chain: the quantizing stage ran in an earlier command
+        recorded = (stage.get("metrics") or {}).get("avg_bits", recorded)
+    return recorded
+
+
+def _all_stages(provenance: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Every stage the checkpoint went through, oldest first: the earlier commands' (``history``), then
+    this output's."""
+    return [*(provenance or {}).get("history", []), *(provenance or {}).get("stages", [])]
 
 
 def _sparsity(provenance: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The measured weight sparsity a pruning stage recorded in the provenance (the last one wins)."""
+    """The measured weight sparsity a pruning stage recorded in the provenance, this command's or an
+    earlier one's in a chain (the last one wins)."""
     found = None
-    for stage in (provenance or {}).get("stages", []):
+    for stage in _all_stages(provenance):
         m = stage.get("metrics") or {}
         if "weight_sparsity" in m:
             found = {"method": stage.get("method"), "pattern": m.get("sparsity_pattern"),

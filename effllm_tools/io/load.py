@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import socket
 from collections.abc import Iterator
@@ -186,6 +187,8 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str | torch.dtype | Non
     source = resolve_source(spec)
     config = load_config(source)
     torch_dtype = parse_dtype(dtype)
+    logging.getLogger("effllm").debug("loading %s (%s, %s, dtype %s) onto %s", source.spec, source.kind,
+                                      config.model_type, torch_dtype or "as stored", device)
     if source.kind in ("directory", "demo"):
         check_safetensors_files(source.path)  # a truncated file fails here with its name, not mid-load
     where = str(source.path) if source.path else source.spec
@@ -210,6 +213,8 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str | torch.dtype | Non
             raise BadInputError(f"{source.spec}: corrupt or truncated safetensors file ({msg[:160]})") from err
         raise BadInputError(f"{source.spec}: cannot load model ({msg[:200]})") from err
     model.eval()
+    logging.getLogger("effllm").debug("loaded %s: %.1fM parameters, %s", source.spec,
+                                      sum(p.numel() for p in model.parameters()) / 1e6, next(model.parameters()).dtype)
     if device != "cpu":
         model.to(device)
         from effllm_tools.runtime.sparse24 import maybe_apply_sparse24

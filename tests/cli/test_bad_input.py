@@ -337,6 +337,17 @@ def test_chained_commands_keep_the_record_of_earlier_stages(rtn_checkpoint, tmp_
     assert "avg_bits" in prov["history"][0]["metrics"] and [st["method"] for st in prov["stages"]] == ["pi"]
     info = json.loads(run_cli("inspect", str(e), "--json").stdout)
     assert info["methods"] == ["rtn", "pi"]
+    assert info["quantization"]["avg_bits"] == prov["history"][0]["metrics"]["avg_bits"]  # from the history
+
+
+def test_inspect_reports_the_sparsity_of_an_earlier_command(tiny_llama, tmp_path):
+    """prune, then quantize its output: inspect still reports what the pruning stage measured."""
+    p, q = tmp_path / "p", tmp_path / "q"
+    assert run_cli("prune", "--method", "magnitude", "--sparsity", "0.5", str(tiny_llama), "-o", str(p)).returncode == 0
+    assert run_cli("quantize", "--bits", "8", str(p), "-o", str(q)).returncode == 0
+    info = json.loads(run_cli("inspect", str(q), "--json").stdout)
+    assert info["methods"] == ["magnitude", "rtn"]
+    assert info["sparsity"]["method"] == "magnitude" and abs(info["sparsity"]["weight_sparsity"] - 0.5) < 0.01
 
 
 @pytest.mark.parametrize("args", [("quantize", "--bits", "4", "--set", "rtn.bits=4"),
