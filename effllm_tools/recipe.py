@@ -120,7 +120,9 @@ def parse_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
         raise BadInputError(f"{source}: unknown key '{sorted(unknown)[0]}' (allowed: {', '.join(sorted(TOP_KEYS))})")
     version = raw.get("version", RECIPE_VERSION)
     if version != RECIPE_VERSION:
-        raise BadInputError(f"{source}: version {version!r} is not supported (this effllm reads version {RECIPE_VERSION})")
+        hint = " (an integer, not a string)" if str(version) == str(RECIPE_VERSION) else ""
+        raise BadInputError(f"{source}: version {version!r} is not supported{hint}; this effllm reads version: "
+                            f"{RECIPE_VERSION}")
     model = raw.get("model")
     if model is not None and not isinstance(model, str):
         raise BadInputError(f"{source}: 'model' must be a string (path, GGUF file, hub id or 'demo')")

@@ -141,14 +141,18 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None = None) 
     ids = _as_1d_ids(ids, "evaluation")
     if seqlen < 1:
         raise BadInputError(f"evaluation: --seqlen must be >= 1, got {seqlen}")
+    total = ids.numel()
     if max_tokens is not None:
         if max_tokens < 1:
             raise BadInputError(f"evaluation: max_tokens must be >= 1, got {max_tokens}")
         ids = ids[:max_tokens]
     n = ids.numel() // seqlen
     if n == 0:
+        if ids.numel() < total:  # the text is long enough: --max-tokens cut it below one window
+            raise BadInputError(f"--max-tokens {max_tokens} is less than one window of --seqlen {seqlen} "
+                                f"(the text has {total} tokens); raise --max-tokens or lower --seqlen")
         raise BadInputError(
-            f"evaluation text has {ids.numel()} tokens, fewer than one window of --seqlen {seqlen}; "
+            f"evaluation text has {total} tokens, fewer than one window of --seqlen {seqlen}; "
             "pass a larger --dataset or a smaller --seqlen"
         )
     return ids[: n * seqlen].view(n, seqlen)

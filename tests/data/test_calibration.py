@@ -113,6 +113,8 @@ def test_eval_windows_max_tokens_and_too_short() -> None:
         BadInputError, match="evaluation text has 99 tokens, fewer than one window of --seqlen 100"
     ):
         eval_windows(stream(99), 100)
+    with pytest.raises(BadInputError, match="--max-tokens 50 is less than one window of --seqlen 100 \\(the text has 10000"):
+        eval_windows(stream(10_000), 100, max_tokens=50)
 
 
 def test_paragraph_cuts_sit_before_the_last_newline_of_a_break() -> None:
