@@ -94,6 +94,9 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     named = [i for i, st in enumerate(stages) if isinstance(st, dict) and st.get("method") == parts[0]]
     if named and len(parts) > 1:
         parts = ["stages", str(named[0]), *parts[1:]]
+    elif len(parts) > 1 and parts[0] not in TOP_KEYS and parts[0] in all_methods():
+        have = ", ".join(str(st.get("method")) for st in stages if isinstance(st, dict)) or "none"
+        raise BadInputError(f"--set {key}: the recipe has no {parts[0]} stage (its stages: {have})")
     node: Any = raw
     for part in parts[:-1]:
         if isinstance(node, list):

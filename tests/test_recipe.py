@@ -79,6 +79,8 @@ def test_set_overrides_by_index_and_by_method_name():
         apply_override(raw, "bits")
     with pytest.raises(BadInputError, match="not valid YAML"):
         apply_override(raw, 'rtn.ignore=["\\."]')  # a backslash escape YAML refuses inside double quotes
+    with pytest.raises(BadInputError, match="the recipe has no gptq stage \\(its stages: rtn\\)"):
+        apply_override(raw, "gptq.bits=3")  # a method the recipe does not run (was "unknown key 'gptq'")
 
 
 def test_exponent_floats_that_yaml_reads_as_strings():
