@@ -129,6 +129,29 @@ def check_recipe_output(recipe: Recipe, source: Any) -> None:
                       inputs=[source.input_path] if source.path else [])
 
 
+def check_before_loading(recipe: Recipe, model: str | None) -> tuple[Any, Any]:
+    """Everything the run and ``--dry-run`` refuse before a weight is loaded: no model, no output path,
+    the output path's rules, the stages against the model config, a missing calibration or stage text.
+    Returns (source, config)."""
+    from effllm_tools.data.sources import check_text_spec
+
+    if not model:
+        raise BadInputError("the recipe names no model (set 'model:' or pass MODEL)")
+    if not recipe.output.get("path"):
+        raise BadInputError("no output directory: pass -o/--output or set output.path in the recipe")
+    source = resolve_source(model)
+    check_recipe_output(recipe, source)
+    config = load_config(source)
+    check_stages_against_config(recipe, config)
+    if recipe.needs_calibration:
+        check_text_spec(recipe.calibration["dataset"])
+    for st in recipe.stages:  # a stage's own text (longrope's needle documents)
+        dataset = st.to_dict().get("dataset")
+        if isinstance(dataset, str):
+            check_text_spec(dataset)
+    return source, config
+
+
 def plan_recipe(recipe: Recipe, *, model: str | None = None) -> dict[str, Any]:
     """``--dry-run``: validate and describe without loading weights."""
     from accelerate import init_empty_weights
@@ -136,21 +159,7 @@ def plan_recipe(recipe: Recipe, *, model: str | None = None) -> dict[str, Any]:
 
     from effllm_tools.pipeline.arch import get_arch
 
-    if not (model or recipe.model):  # what the run refuses, refused here too
-        raise BadInputError("the recipe names no model (set 'model:' or pass MODEL)")
-    if not recipe.output.get("path"):
-        raise BadInputError("no output directory: pass -o/--output or set output.path in the recipe")
-    source = resolve_source(model or recipe.model)
-    check_recipe_output(recipe, source)
-    config = load_config(source)
-    check_stages_against_config(recipe, config)
-    from effllm_tools.data.sources import check_text_spec
-
-    if recipe.needs_calibration:  # the run would stop there: say so now
-        check_text_spec(recipe.calibration["dataset"])
-    for st in recipe.stages:  # a stage's own text (longrope's needle documents)
-        if isinstance(st.to_dict().get("dataset"), str):
-            check_text_spec(st.to_dict()["dataset"])
+    source, config = check_before_loading(recipe, model or recipe.model)
     with init_empty_weights():
         meta = AutoModelForCausalLM.from_config(config)
     arch = get_arch(config)
@@ -188,14 +197,8 @@ def run_recipe(recipe: Recipe, *, device: str = "auto", dtype: str | None = None
     from effllm_tools.pipeline.arch import get_arch
 
     reporter = reporter or Reporter()
-    if not recipe.model:
-        raise BadInputError("the recipe names no model (set 'model:' or pass MODEL)")
-    if not recipe.output.get("path"):
-        raise BadInputError("no output directory: pass -o/--output or set output.path in the recipe")
+    source, _ = check_before_loading(recipe, recipe.model)
     out = Path(recipe.output["path"])
-    source = resolve_source(recipe.model)
-    check_recipe_output(recipe, source)
-    check_stages_against_config(recipe, load_config(source))
     with output_lock(out):  # a second run on the same -o would delete this one's state and output
         device = resolve_device(device)
         logging.getLogger("effllm").debug("recipe %s on %s, seed %d, stages %s, calibration %s", recipe.model, device,

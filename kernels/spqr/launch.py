@@ -63,6 +63,10 @@ class KernelConfig:
     host_cast: bool = False  # mma16: x scaled and rounded to fp16 once per call on the host side
 
 
+#: The dequantize path's kernel tile (64 rows x 4 units per program, 4 warps; pick_config).
+DEQUANT_CONFIG = KernelConfig("dequant", 1, 64, 4, num_warps=4)
+
+
 def _pow2(n: int) -> int:
     """The smallest power of two >= n (>= 1); plain Python: ``triton.next_power_of_2`` is a
     constexpr function whose call wrapper costs microseconds per launch."""
@@ -120,7 +124,7 @@ def pick_config(m: int, t: SpqrTensors | SpqrKernelTensors, device: torch.device
     64-row tile: 42 / 95 / 103 us). M = 65-127 runs mma16 with the two tiles of M = 128 (not timed there).
     """
     if m >= DEQUANT_MIN_M:
-        return KernelConfig("dequant", 1, 64, 4, num_warps=4)
+        return DEQUANT_CONFIG
     if m <= GEMV_MAX_M and gemv16_unsupported_reason(dtype, t) is None:
         if t.in_features >= LONG_K:  # 4096 x 14336: twice the programs, loads two steps ahead
             cfg = KernelConfig("gemv16", 1, 256, 2, num_warps=4, num_stages=1, prefetch=2, outliers_first=True)
@@ -239,7 +243,7 @@ def dequantize_triton(t: SpqrKernelTensors, dtype: torch.dtype, config: KernelCo
     benchmark), the outliers) in ``dtype``, by the kernels of :mod:`.triton_dequant` (a new tensor per call)."""
     from effllm_kernels.spqr.triton_dequant import _spqr_dequant_kernel, _spqr_outlier_kernel
 
-    cfg = config or KernelConfig("dequant", 1, 64, 4, num_warps=4)
+    cfg = config or DEQUANT_CONFIG
     k, n = t.in_features, t.out_features
     w = torch.empty(n, k, dtype=dtype, device=t.qweight.device)
     n_units = -(-k // 32)
