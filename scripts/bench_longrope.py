@@ -44,7 +44,10 @@ VARIANTS = {"longrope2-none": ("longrope2", {"mscale": "none"}),
             # extra flat starts above s (init_scales): the released LLaMA3-8B factors sit 1.4-1.6x above s
             "longrope2-mixed-lift": ("longrope2", {"init_scales": [1.2, 1.4, 1.6], **MIXED}),
             # twice as many 16k documents as 32k ones (the 16k bar is the one missed)
-            "longrope2-mixed16": ("longrope2", {"eval_length": ["half", "half", "target"], "samples": 6})}
+            "longrope2-mixed16": ("longrope2", {"eval_length": ["half", "half", "target"], "samples": 6}),
+            # the same with YaRN's attention factor (0.1 ln s + 1): YaRN leads the 32k passkey column
+            "longrope2-mixed16-yarn": ("longrope2", {"eval_length": ["half", "half", "target"], "samples": 6,
+                                                     "mscale": "yarn"})}
 
 
 def parse_args() -> argparse.Namespace:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import torch
 import triton
@@ -97,6 +97,8 @@ def sweep_configs(m: int, t: SpqrTensors | SpqrKernelTensors, paths: str = "all"
     ``paths``: "all" or a comma list of paths to try, e.g. "mma16"; ``splits``: which of the three)."""
     dev = torch.device("cuda")
     out = [pick_config(m, t, dev)]
+    if paths.startswith("variants:"):  # the heuristic's configuration with fields overridden
+        return out + [replace(out[0], **v) for v in parse_variants(paths.split(":", 1)[1])]
     if m == 1 and gemv16_unsupported_reason(torch.bfloat16, t) is None:
         bases = [KernelConfig("gemv16", 1, bn, c, 1, nw, 1, rows=r, prefetch=pf, outliers_first=of, unroll=un)
                  for bn, c, nw, r, pf, of, un in GEMV16_CANDIDATES]
@@ -118,6 +120,19 @@ def sweep_configs(m: int, t: SpqrTensors | SpqrKernelTensors, paths: str = "all"
         out += [cands[name] for name in splits.split(",")]
     seen: list[KernelConfig] = []
     return [c for c in out if not (c in seen or seen.append(c))]
+
+
+def parse_variants(spec: str) -> list[dict]:
+    """"rows=2,prefetch=2;outliers_first=1" -> [{"rows": 2, "prefetch": 2}, {"outliers_first": True}] (KernelConfig fields)."""
+    types = {f.name: f.type for f in fields(KernelConfig)}
+    out = []
+    for item in filter(None, spec.split(";")):
+        v: dict = {}
+        for kv in item.split(","):
+            key, val = kv.split("=")
+            v[key] = (val not in ("0", "false")) if "bool" in str(types[key]) else int(val)
+        out.append(v)
+    return out
 
 
 def _precompile_one(job: tuple) -> str:
@@ -205,7 +220,8 @@ def main() -> None:
     ap.add_argument("--precompile-only", action="store_true", help="with --sweep: compile and check, then stop")
     ap.add_argument("--eager-calls", type=int, default=300)
     ap.add_argument("--sweep-m1-only", action="store_true", help="with --sweep: sweep M = 1 cases only")
-    ap.add_argument("--sweep-paths", default="all", help="with --sweep: 'all' or paths to try, e.g. 'mma16,mma'")
+    ap.add_argument("--sweep-paths", default="all", help="with --sweep: 'all' or paths to try, e.g. 'mma16,mma'; or "
+                    "'variants:rows=2;prefetch=2': the heuristic's configuration and these overrides of it")
     ap.add_argument("--sweep-splits", default="auto,double,half", help="with --sweep: K splits per candidate")
     args = ap.parse_args()
     args.dtype, args.group_size = "bf16", 16

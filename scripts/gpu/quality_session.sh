@@ -17,6 +17,8 @@
 #   lr-final    base, pi, ntk, yarn and LongRoPE2 (target / mixed documents, 64 x 14) with 8 passkey trials
 #   lr-lift     LongRoPE2 (mixed documents) with init_scales 1.2, 1.4, 1.6, and with 16k-heavy documents
 #               (4 x 16k + 2 x 32k), as lr-final (two processes, ~8 min)
+#   lr-16       LongRoPE2 with 16k-heavy documents alone (lr-lift's second search, which did not finish there);
+#               LR16="longrope2-mixed16-yarn" for other variants
 #   longrope    base, pi, ntk, yarn, LongRoPE v1 / v2 (mscale su and none) at 32k, population 64 x 20 iterations
 #   lr-cost     one LongRoPE2 candidate on a Llama-3-8B-shaped model (random weights) at 32k and 128k
 #   pytest      the GPU tests
@@ -68,6 +70,11 @@ if want lr-final; then  # the final table: 8 passkey trials (40 prompts per leng
 fi
 if want lr-lift; then  # LongRoPE2 (mixed documents) with extra starts above s, as lr-final's searches
     for m in longrope2-mixed-lift longrope2-mixed16; do
+        bl "lr-$m" --methods "$m" --passkey-trials 8 --search-iterations 14 >"$t/lr-$m.log" 2>&1 &
+    done
+fi
+if want lr-16; then  # LongRoPE2 with 16k-heavy documents (4 x 16k + 2 x 32k) alone, as lr-final's searches
+    for m in ${LR16:-longrope2-mixed16}; do
         bl "lr-$m" --methods "$m" --passkey-trials 8 --search-iterations 14 >"$t/lr-$m.log" 2>&1 &
     done
 fi

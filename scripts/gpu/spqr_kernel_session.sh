@@ -9,6 +9,7 @@
 #       mma16 (the fp16 tensor-core kernel, kernels/spqr/triton_mma16.py: every candidate checked against the
 #       fp64 reference and timed at M=16/64 on the three Llama shapes against bf16, beside the heuristic's
 #       old tensor-core kernel; the table row of each case is its fastest candidate),
+#       variants (the heuristic's configuration against VARIANTS, e.g. "rows=2;prefetch=2", at VARIANT_MS),
 #       large (M = 64..2048: the fp16 tensor-core kernel against dequantize-then-cuBLAS, every candidate of
 #       both, after the tests). One call, < 5 min:
 #   run(command="bash scripts/gpu/spqr_kernel_session.sh 290 tests mma16", timeout_s=300)
@@ -48,6 +49,11 @@ if want sweep; then
     (cd scripts && timeout $(( $(left) - 15 )) python3 bench_spqr_matmul.py --sweep --sweep-m1-only --m 1 \
         --formats "3:3:1;4:3:1;2:3:1" --workers 12 --eager-calls 50 --rotate-mb 300) > "$out/sweep.txt" 2>&1
 fi
+if want variants; then  # the heuristic's configuration against field overrides of it (VARIANTS), M = 1 and 16
+    (cd scripts && timeout $(( $(left) - ${DECODE_S:-0} - 10 )) python3 bench_spqr_matmul.py --sweep \
+        --sweep-paths "variants:${VARIANTS:-rows=2}" --formats "3:3:${VARIANT_MS:-1,16}" --workers 12 --eager-calls 20 \
+        --rotate-mb 300) > "$out/variants.txt" 2>&1
+fi
 if want table; then
     (cd scripts && timeout $(( $(left) - 15 )) python3 bench_spqr_matmul.py --eager-calls 50 --rotate-mb 300 \
         ${TABLE_ARGS:-}) > "$out/table.txt" 2>&1
@@ -63,6 +69,6 @@ if want decode; then
         > "$out/decode.txt" 2>&1
 fi
 tail -3 "$out"/pytest_*.txt 2>/dev/null
-grep -h "^| " "$out/sweep.txt" "$out/table.txt" "$out/final.txt" "$out/mma16.txt" "$out/large.txt" 2>/dev/null | grep -v "^| N x K" | sort -u | head -90
+grep -h "^| " "$out/sweep.txt" "$out/variants.txt" "$out/table.txt" "$out/final.txt" "$out/mma16.txt" "$out/large.txt" 2>/dev/null | grep -v "^| N x K" | sort -u | head -90
 tail -8 "$out/decode.txt" 2>/dev/null
 echo "elapsed $(( $(date +%s) - start )) s"
