@@ -121,7 +121,7 @@ def pick_config(m: int, t: SpqrTensors | SpqrKernelTensors, device: torch.device
     activation dtype): the dense W_s written once (64 rows x 4 units per program) and cuBLAS (2026-11-29
     08:56-09:05 UTC: ahead of mma16's best candidate at M = 128 on 4096x4096 / 14336x4096 / 4096x14336,
     44 / 135 / 143 us against 61 / 174 / 174, and 5x at M = 2048; behind it at M = 64, where mma16 needs one
-    64-row tile: 42 / 95 / 103 us). At M = 65 / 96 / 127 (11:50 UTC) the dequantize path was ahead of every
+    64-row tile: 42 / 95 / 103 us). At M = 65 / 96 / 127 (11:43 UTC) the dequantize path was ahead of every
     mma16 candidate on the three shapes (M = 65: 40 / 134 / 136 us against 57 / 168 / 154).
     """
     if m >= DEQUANT_MIN_M:
