@@ -91,15 +91,25 @@ def _sparsity(provenance: dict[str, Any] | None) -> dict[str, Any] | None:
         if "weight_sparsity" in m:
             found = {"method": stage.get("method"), "pattern": m.get("sparsity_pattern"),
                      "weight_sparsity": m["weight_sparsity"], "pruned_modules": m.get("pruned_modules"),
-                     "by_type": m.get("weight_sparsity_by_type"), "per_layer": m.get("weight_sparsity_per_layer")}
+                     "by_type": m.get("weight_sparsity_by_type"), "per_layer": m.get("weight_sparsity_per_layer"),
+                     "zeros_kept": 1.0, "lost_by": []}
+        elif found and m.get("input_exact_zeros"):  # a later stage that may have filled the pruned weights
+            kept = m.get("exact_zeros_kept", 0) / m["input_exact_zeros"]
+            found["zeros_kept"] *= kept
+            if kept < 0.999:
+                found["lost_by"].append(stage.get("method"))
     return found
 
 
 def _render_sparsity(s: dict[str, Any] | None) -> str:
     if not s:
         return "sparsity:    none recorded"
-    return (f"sparsity:    {s['weight_sparsity']:.2%} zeros in {s['pruned_modules']} pruned modules "
+    line = (f"sparsity:    {s['weight_sparsity']:.2%} zeros in {s['pruned_modules']} pruned modules "
             f"({s['pattern']}, {s['method']}); by type {s['by_type']}")
+    if s.get("lost_by"):
+        line += (f"; NOT KEPT: {', '.join(s['lost_by'])} kept {s['zeros_kept']:.2%} of the exact zeros, "
+                 "so the weights are no longer sparse")
+    return line
 
 
 def render_inspection(info: dict[str, Any]) -> str:

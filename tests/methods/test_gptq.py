@@ -123,3 +123,33 @@ def test_grid_hook_sees_each_group_once_with_updated_weights():
     grid = Counting((8, 100), 4, 24, False, torch.float16, "cpu")
     res = gptq_quantize(w, hessian_of(correlated_inputs(3, 100)), 4, 24, grid=grid, block_size=128)
     assert calls == [0, 1, 2, 3, 4] and res.codes is grid.codes
+
+
+def two_four(w: torch.Tensor) -> torch.Tensor:
+    """``w`` pruned 2:4 by magnitude (a Wanda-style mask) along the input dimension."""
+    g = w.reshape(w.shape[0], -1, 4)
+    drop = g.abs().argsort(-1)[..., :2]
+    return g.scatter(-1, drop, 0.0).reshape(w.shape)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_a_pruned_weight_stays_pruned(symmetric, act_order):
+    """A sparse weight (e.g. after 2:4 Wanda) keeps every exact zero (SparseGPT-style: the mask is fixed
+    and the zeroed weights' updates are propagated), still beats RTN with the same zeros, and a dense
+    weight is quantized exactly as without the option."""
+    x = correlated_inputs(3, 96)
+    h = hessian_of(x)
+    w = two_four(torch.randn(32, 96, generator=torch.Generator().manual_seed(7)))
+    res = gptq_quantize(w, h, 3, 32, symmetric=symmetric, act_order=act_order)
+    w_hat = res.dequantized(32)
+    assert torch.equal(w_hat[w == 0], torch.zeros(int((w == 0).sum())))
+    rtn = dequantize_codes(*quantize_rtn(w, 3, 32, symmetric), 32)  # rtn keeps the zeros too
+    assert torch.equal(rtn[w == 0], torch.zeros(int((w == 0).sum())))
+    assert res.loss < hessian_error(w, rtn, h)
+    filled = gptq_quantize(w, h, 3, 32, symmetric=symmetric, act_order=act_order, keep_zeros=False)
+    assert int((filled.dequantized(32)[w == 0] != 0).sum()) > 0  # without it GPTQ fills them in
+    dense = torch.randn(32, 96, generator=torch.Generator().manual_seed(8))
+    auto = gptq_quantize(dense, h, 3, 32, symmetric=symmetric, act_order=act_order)
+    off = gptq_quantize(dense, h, 3, 32, symmetric=symmetric, act_order=act_order, keep_zeros=False)
+    assert torch.equal(auto.codes, off.codes) and torch.equal(auto.zeros, off.zeros)

@@ -156,7 +156,7 @@ def test_bad_wanda_pp_keys_name_the_key(key, value, needle):
         parse_recipe(raw)
 
 
-def test_cli_wanda_pp_2of4_then_rtn_keeps_exact_zeros(tiny_llama, tmp_path, sample_text):
+def test_cli_wanda_pp_2of4_then_quantize_keeps_or_reports_exact_zeros(tiny_llama, tmp_path, sample_text):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -191,6 +191,27 @@ def test_cli_wanda_pp_2of4_then_rtn_keeps_exact_zeros(tiny_llama, tmp_path, samp
     for k in linears:
         w = qm.get_submodule(k.removesuffix(".weight")).dequantized()
         assert torch.equal(w[weights[k] == 0], torch.zeros_like(w[weights[k] == 0])), k
+    # GPTQ keeps the mask too (its error propagation would fill the pruned weights in otherwise) ...
+    g = tmp_path / "wpp-gptq"
+    proc = run_cli("quantize", "--method", "gptq", "--bits", "4", "--group-size", "32", *calib, str(out), "-o", str(g),
+                   "--json")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(proc.stdout)["metrics"]
+    assert m["exact_zeros_kept"] == m["input_exact_zeros"] >= sum(weights[k].numel() // 2 for k in linears)
+    gm = AutoModelForCausalLM.from_pretrained(str(g))
+    for k in linears:
+        w = gm.get_submodule(k.removesuffix(".weight")).dequantized()
+        assert torch.equal(w[weights[k] == 0], torch.zeros_like(w[weights[k] == 0])), k
+    info = inspect_checkpoint(g)
+    assert info["sparsity"]["lost_by"] == [] and "NOT KEPT" not in render_inspection(info)
+    # ... SpQR cannot (quantized zero points): it says so, and inspect no longer reports the sparsity as there
+    sq = tmp_path / "wpp-spqr"
+    proc = run_cli("quantize", "--method", "spqr", *calib, str(out), "-o", str(sq), "--json")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(proc.stdout)["metrics"]
+    assert m["exact_zeros_kept"] < m["input_exact_zeros"] and "keeps only" in proc.stderr
+    info = inspect_checkpoint(sq)
+    assert info["sparsity"]["lost_by"] == ["spqr"] and "NOT KEPT: spqr" in render_inspection(info)
 
 
 @pytest.mark.gpu

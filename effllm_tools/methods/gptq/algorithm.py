@@ -33,7 +33,13 @@ from dataclasses import dataclass
 
 import torch
 
-from effllm_tools.methods.rtn.algorithm import dequantize_codes, fit_grid, group_count, quantize_to_codes
+from effllm_tools.methods.rtn.algorithm import (
+    SPARSE_SHARE,
+    dequantize_codes,
+    fit_grid,
+    group_count,
+    quantize_to_codes,
+)
 
 
 class HessianAccumulator:
@@ -76,7 +82,7 @@ class GroupGrid:
 
     def __init__(
         self, shape: tuple[int, int], bits: int, group_size: int, symmetric: bool,
-        stats_dtype: torch.dtype, device: torch.device | str,
+        stats_dtype: torch.dtype, device: torch.device | str, keep: torch.Tensor | None = None,
     ) -> None:
         n, k = shape
         self.bits, self.group_size, self.symmetric, self.stats_dtype = bits, group_size, symmetric, stats_dtype
@@ -84,15 +90,23 @@ class GroupGrid:
         self.codes = torch.zeros(n, k, dtype=torch.uint8, device=device)
         self.scales = torch.ones(n, g, dtype=stats_dtype, device=device)
         self.zeros = torch.zeros(n, g, dtype=stats_dtype, device=device)
+        self.keep = keep  # [N, K] bool, original order: pruned weights that must stay exact zeros
+
+    def _masked(self, w: torch.Tensor, cols: slice | int) -> torch.Tensor:
+        """``w`` with the kept zeros of columns ``cols`` set back to zero (the error updates move them)."""
+        return w if self.keep is None else w.masked_fill(self.keep[:, cols], 0.0)
 
     def fit_group(self, g: int, w: torch.Tensor) -> None:
-        scale, zero = fit_grid(w, self.bits, w.shape[1], self.symmetric, self.stats_dtype)
+        w = self._masked(w, slice(g * self.group_size, g * self.group_size + w.shape[1]))
+        scale, zero = fit_grid(w, self.bits, w.shape[1], self.symmetric, self.stats_dtype,
+                               keep_zeros=self.keep is not None)
         self.scales[:, g : g + 1] = scale
         self.zeros[:, g : g + 1] = zero
 
     def fit_all(self, w: torch.Tensor) -> None:
         """Static groups: every group's grid from ``w`` [N, K] in the original column order."""
-        self.scales, self.zeros = fit_grid(w, self.bits, self.group_size, self.symmetric, self.stats_dtype)
+        self.scales, self.zeros = fit_grid(self._masked(w, slice(None)), self.bits, self.group_size, self.symmetric,
+                                           self.stats_dtype, keep_zeros=self.keep is not None)
 
     def begin(self, w: torch.Tensor, d: torch.Tensor) -> None:
         """Called once before the pass with ``w`` [N, K] (visiting order, dead columns zeroed) and
@@ -106,6 +120,7 @@ class GroupGrid:
     def quantize_column(self, col: int, w: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         g = col // self.group_size
         s, z = self.scales[:, g : g + 1], self.zeros[:, g : g + 1]
+        w = self._masked(w[:, None], slice(col, col + 1))[:, 0]  # a kept zero rounds to code == zero: 0
         code = quantize_to_codes(w[:, None], s, z, self.bits, 1)  # [N, 1], exactly RTN's rounding
         self.codes[:, col] = code[:, 0]
         return dequantize_codes(code, s, z, 1)[:, 0]
@@ -209,12 +224,16 @@ def gptq_quantize(
     act_order: bool = False,
     max_retries: int = 4,
     grid: GroupGrid | None = None,
+    keep_zeros: bool | None = None,
 ) -> GPTQResult:
     """GPTQ-quantize ``weight`` [N, K] given ``hessian`` [K, K] (see the module docstring).
 
     ``group_size`` <= 0 or > K means one group per row. Without act_order the block size is
     adjusted (:func:`_aligned_block`) so every grid is fitted on fully updated weights.
     ``grid`` replaces the default :class:`GroupGrid` (it must use the same group size).
+    ``keep_zeros``: the exact zeros of ``weight`` stay exact zeros (a pruned layer keeps its mask, as in
+    SparseGPT's joint quantization: their rounding error is the whole updated value, propagated like any
+    other column's); None turns it on for sparse weights (``rtn.algorithm.SPARSE_SHARE``), the default grid only.
     """
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be in 2..8, got {bits}")
@@ -225,7 +244,12 @@ def gptq_quantize(
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    grid = grid or GroupGrid((n, k), bits, gs, symmetric, stats_dtype, w.device)
+    if keep_zeros and grid is not None:
+        raise ValueError("keep_zeros works with the default grid only")
+    if keep_zeros is None:
+        keep_zeros = grid is None and bool(weight.numel()) and float((weight == 0).float().mean()) >= SPARSE_SHARE
+    keep = (weight == 0).to(w.device) if keep_zeros else None
+    grid = grid or GroupGrid((n, k), bits, gs, symmetric, stats_dtype, w.device, keep)
     if act_order:
         grid.fit_all(w)  # static groups on the original order (module docstring)
         perm = torch.argsort(torch.diagonal(h), descending=True)

@@ -97,8 +97,16 @@ def quantize_linear(lin: nn.Linear, hessian: torch.Tensor, cfg: GPTQConfig) -> t
     res = gptq_quantize(w, hessian, cfg.bits, gs, symmetric=cfg.symmetric, stats_dtype=sd,
                         percdamp=cfg.percdamp, block_size=cfg.block_size, act_order=cfg.act_order)
     rtn = dequantize_codes(*quantize_rtn(w.float(), cfg.bits, gs, cfg.symmetric, sd), gs)
-    stats = torch.tensor([res.loss, hessian_error(w, rtn, hessian), res.retries, res.percdamp], dtype=torch.float64)
+    stats = torch.tensor([res.loss, hessian_error(w, rtn, hessian), res.retries, res.percdamp,
+                          *zero_counts(w, res.dequantized(gs))], dtype=torch.float64)
     return _packed_module(lin, res.codes, res.scales, res.zeros, cfg), stats
+
+
+def zero_counts(w: torch.Tensor, w_hat: torch.Tensor) -> tuple[int, int]:
+    """(exact zeros of the input weight, how many of them the quantized weight keeps): the
+    ``input_exact_zeros`` / ``exact_zeros_kept`` metrics, which tell whether a pruned input stays pruned."""
+    zero = w == 0
+    return int(zero.sum()), int((zero & (w_hat.to(zero.device) == 0)).sum())
 
 
 def layer_hessians(lctx: LayerContext, readers: list[str]) -> dict[str, torch.Tensor]:
@@ -225,10 +233,12 @@ def packed_modules(ctx: Any, cls: type[nn.Module]) -> Iterator[tuple[Any, dict[s
                 yield mod, spec
 
 
-def stats_metrics(artifacts: list[dict[str, torch.Tensor]], stats_key: str, **measures: float) -> dict[str, Any]:
+def stats_metrics(artifacts: list[dict[str, torch.Tensor]], stats_key: str, zeros_at: int,
+                  **measures: float) -> dict[str, Any]:
     """The stage's metrics from the per-linear statistics [error, rtn error, retries, percdamp, ...]:
     ``quantized_modules``, then ``measures`` (e.g. ``avg_bits``), then the mean ratio of the Hessian
-    errors ``tr(E H E^T)`` (GPTQ eq. 1) to RTN's, the damping retries and the largest percdamp used."""
+    errors ``tr(E H E^T)`` (GPTQ eq. 1) to RTN's, the damping retries, the largest percdamp used, and the
+    input's exact zeros and how many were kept (:func:`zero_counts`, at ``zeros_at`` and the next entry)."""
     stats = [t for layer in artifacts for key, t in layer.items() if key.endswith(stats_key)]
     ratios = [float(s[0] / s[1]) for s in stats if s[1] > 0]
     return {
@@ -237,6 +247,8 @@ def stats_metrics(artifacts: list[dict[str, torch.Tensor]], stats_key: str, **me
         "hessian_error_vs_rtn": sum(ratios) / max(len(ratios), 1),
         "damping_retries": sum(int(s[2]) for s in stats),
         "max_percdamp": max((float(s[3]) for s in stats), default=0.0),
+        "input_exact_zeros": sum(int(s[zeros_at]) for s in stats),
+        "exact_zeros_kept": sum(int(s[zeros_at + 1]) for s in stats),
     }
 
 
@@ -246,7 +258,7 @@ def _metrics(ctx: Any, artifacts: list[dict[str, torch.Tensor]]) -> dict[str, An
     for mod, _spec in packed_modules(ctx, RTNLinear):
         stored += mod.storage_bits()
         weights += mod.in_features * mod.out_features
-    return stats_metrics(artifacts, _STATS, avg_bits=stored / max(weights, 1))
+    return stats_metrics(artifacts, _STATS, 4, avg_bits=stored / max(weights, 1))
 
 
 def apply_gptq(ctx: Any, cfg: GPTQConfig) -> StageResult:

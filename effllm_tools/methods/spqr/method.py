@@ -38,16 +38,18 @@ from effllm_tools.methods.gptq.method import (
     make_swap_restore,
     packed_modules,
     stats_metrics,
+    zero_counts,
 )
 from effllm_tools.methods.gptq.method import make_on_layer as gptq_make_on_layer
-from effllm_tools.methods.rtn.algorithm import dequantize_codes, quantize_rtn
+from effllm_tools.methods.rtn.algorithm import SPARSE_SHARE, dequantize_codes, quantize_rtn
 from effllm_tools.methods.spqr.algorithm import spqr_quantize
 from effllm_tools.methods.spqr.format import SpQRLinear
 from effllm_tools.pipeline import LayerContext
 from effllm_tools.registry import MethodSpec, StageResult, register_method
 
 # Per-linear numbers kept in ctx.artifacts (and so in the resume state):
-# [spqr error, rtn error (same bits and groups, fp16 stats), damping retries, percdamp used, outliers].
+# [spqr error, rtn error (same bits and groups, fp16 stats), damping retries, percdamp used, outliers,
+# input exact zeros, of them kept].
 _STATS = ".spqr_stats"
 _MAX_IN_FEATURES = 65536  # outlier columns are stored as unsigned 16-bit
 
@@ -100,8 +102,8 @@ def quantize_linear(lin: nn.Linear, hessian: torch.Tensor, cfg: SpQRConfig) -> t
                         percdamp=cfg.percdamp, block_size=cfg.block_size)
     gs = res.tensors.group_size
     rtn = dequantize_codes(*quantize_rtn(w.float(), cfg.bits, gs), gs)
-    stats = torch.tensor([res.loss, hessian_error(w, rtn, hessian), res.retries, res.percdamp, res.tensors.nnz],
-                         dtype=torch.float64)
+    stats = torch.tensor([res.loss, hessian_error(w, rtn, hessian), res.retries, res.percdamp, res.tensors.nnz,
+                          *zero_counts(w, res.weight)], dtype=torch.float64)
     bias = lin.bias.data if lin.bias is not None else None
     return SpQRLinear.from_tensors(res.tensors, bias), stats
 
@@ -134,7 +136,8 @@ def _metrics(ctx: Any, artifacts: list[dict[str, torch.Tensor]]) -> dict[str, An
         bits += spec["avg_bits"] * size
         params += size
         nnz += mod.nnz
-    return stats_metrics(artifacts, _STATS, avg_bits=bits / max(params, 1), outlier_share=nnz / max(params, 1))
+    return stats_metrics(artifacts, _STATS, 5, avg_bits=bits / max(params, 1), outlier_share=nnz / max(params, 1),
+                         quantized_weights=int(params))
 
 
 def apply_spqr(ctx: Any, cfg: SpQRConfig) -> StageResult:
@@ -144,6 +147,10 @@ def apply_spqr(ctx: Any, cfg: SpQRConfig) -> StageResult:
     metrics = _metrics(ctx, result.artifacts)
     ctx.reporter.info(f"spqr: {metrics['quantized_modules']} linears, {metrics['avg_bits']:.4f} average bits, "
                       f"{metrics['outlier_share']:.3%} outliers")
+    zeros, kept = metrics["input_exact_zeros"], metrics["exact_zeros_kept"]
+    if zeros >= SPARSE_SHARE * metrics["quantized_weights"] and kept < zeros:
+        ctx.reporter.warning(f"spqr: the input was pruned ({zeros} exact zeros) and spqr keeps only {kept} of them "
+                             "(its quantized zero points cannot represent 0 exactly); gptq and rtn keep them")
     return StageResult(metrics=metrics)
 
 
