@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from effllm_tools.errors import BadInputError, UnsupportedError
+from effllm_tools.errors import BadInputError
 from effllm_tools.registry import KIND_ORDER, MethodSpec, all_methods, get_method
 
 RECIPE_VERSION = 1
@@ -163,11 +163,9 @@ def _parse_stage(raw: Any, where: str) -> Stage:
     if not isinstance(raw, dict) or "method" not in raw:
         raise BadInputError(f"{where}: a stage is a mapping with a 'method' key")
     try:
-        spec = get_method(str(raw["method"]))
-    except UnsupportedError as err:
-        if str(raw["method"]) in all_methods():  # planned, not built: exit 4
-            raise
-        raise BadInputError(f"{where}: {err}") from None  # a typo is bad input (exit 2)
+        spec = get_method(str(raw["method"]))  # a typo is bad input (exit 2); planned, not built: exit 4
+    except BadInputError as err:
+        raise BadInputError(f"{where}: {err}") from None
     params = {k: v for k, v in raw.items() if k != "method"}
     fields = spec.keys()
     hints = typing.get_type_hints(spec.config) if spec.config else {}

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from effllm_tools.errors import UnsupportedError
+from effllm_tools.errors import BadInputError, UnsupportedError
 
 VERBS = ("quantize", "quantize-kv", "prune", "extend-context", "sparsify-attn")
 
@@ -74,7 +74,7 @@ def get_method(name: str, verb: str | None = None) -> MethodSpec:
     if spec is None or (verb is not None and spec.verb != verb):
         scope = [m.name for m in methods.values() if verb is None or m.verb == verb]
         where = f" for {verb}" if verb else ""
-        raise UnsupportedError(f"unknown method '{name}'{where}; known: {', '.join(sorted(scope))}")
+        raise BadInputError(f"unknown method '{name}'{where}; known: {', '.join(sorted(scope))}")  # a typo: exit 2
     if not spec.available:
         ready = [m.name for m in methods.values() if m.verb == spec.verb and m.available]
         raise UnsupportedError(

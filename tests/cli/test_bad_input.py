@@ -69,7 +69,8 @@ def test_non_decoder_model_is_unsupported(tmp_path):
 
 
 @pytest.mark.parametrize(("args", "code", "needle"), [
-    (("quantize", "--method", "nope"), 4, "unknown method 'nope'"),
+    (("quantize", "--method", "nope"), 2, "unknown method 'nope'"),  # a typo: bad input, as in a recipe
+    (("quantize", "--method", "wanda"), 2, "unknown method 'wanda' for quantize"),
     (("quantize", "--method", "quarot"), 4, "not available"),
     (("prune", "--method", "wanda++", "--set", "wanda++.alpha=-1"), 2, "alpha must be"),
     (("extend-context", "--target-length", "128"), 2, "must exceed the original context"),
