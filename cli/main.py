@@ -14,7 +14,7 @@ app = typer.Typer(
     name="effllm",
     help="Compress and extend pretrained LLM checkpoints. MODEL is a transformers directory, a .gguf file, "
     "a hub id, or 'demo' (the offline SmolLM2-135M model). Exit codes: 0 ok, 1 internal error, 2 bad input, "
-    "3 out of memory, 4 unsupported model or method, 5 quality gate failed, 130 interrupted.",
+    "3 out of memory, 4 unsupported model or method, 5 quality gate failed, 130 interrupted, 143 terminated.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -64,8 +64,9 @@ class Ui:
         logging.basicConfig(level=level, handlers=[handler], format=fmt, force=True)
         for noisy in ("transformers", "accelerate", "huggingface_hub", "torch"):
             logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.INFO)
-        if not self.show_progress:  # transformers' own tqdm bars (weight loading) too
+        if not self.show_progress:  # transformers' own tqdm bars (weight loading, GGUF conversion) too
             os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+            os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66: the GGUF converter calls tqdm directly
         if not verbose:
             os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
             os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # its retry warnings bypass the logger levels above

@@ -13,9 +13,11 @@ def test_gguf_file_evaluates_like_the_converted_demo():
     from effllm_tools.io.demo import demo_gguf_path
 
     args = ("--dataset", "austen-prideprejudice", "--seqlen", "256", "--max-tokens", "512", "--dtype", "float32", "--json")
-    gguf = parse_json_stdout(run_cli("eval-ppl", str(demo_gguf_path()), *args))
+    proc = run_cli("eval-ppl", str(demo_gguf_path()), *args)
+    gguf = parse_json_stdout(proc)
     demo = parse_json_stdout(run_cli("eval-ppl", "demo", *args))
     assert gguf["metrics"]["ppl"] == pytest.approx(demo["metrics"]["ppl"], rel=1e-6)
+    assert "Converting" not in proc.stderr and "%|" not in proc.stderr  # no tqdm bar in a pipe (a CI log)
 
 
 def test_demo_checkpoint_is_cached_safetensors():
