@@ -228,7 +228,7 @@ def run_recipe(recipe: Recipe, *, device: str = "auto", dtype: str | None = None
                 "methods": [st.method for st in recipe.stages], "modules": ctx.modules,
             }
         metrics = {k: v for rec in stage_records for k, v in rec["metrics"].items()}
-        recipe_dict = recipe.to_dict()
+        recipe_dict = portable_recipe(recipe.to_dict(), out)
         provenance = {
             **base_record(device),
             "source": source.describe(),
@@ -247,3 +247,22 @@ def run_recipe(recipe: Recipe, *, device: str = "auto", dtype: str | None = None
             shutil.rmtree(state_dir, ignore_errors=True)
         return {"output_dir": str(written), "metrics": metrics, "timings": timings, "stages": stage_records,
                 "provenance": provenance}
+
+
+def portable_recipe(recipe: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The recipe as saved beside an output: local paths (the model, text files and folders named as
+    datasets) absolute, and ``output.path`` the output's, so that ``effllm run OUT/effllm_recipe.yaml``
+    works from any directory. Hub ids, ``demo`` and named datasets stay as they are."""
+
+    def absolute(value: Any) -> Any:
+        if isinstance(value, str) and value and Path(value).expanduser().exists():
+            return str(Path(value).expanduser().resolve())
+        return value
+
+    saved = {**recipe, "model": absolute(recipe.get("model")), "output": {**recipe.get("output", {}),
+                                                                            "path": str(out.expanduser().resolve())}}
+    if isinstance(saved.get("calibration"), dict):
+        saved["calibration"] = {**saved["calibration"], "dataset": absolute(saved["calibration"].get("dataset"))}
+    saved["stages"] = [{**st, "dataset": absolute(st["dataset"])} if "dataset" in st else st
+                       for st in recipe.get("stages", [])]
+    return saved

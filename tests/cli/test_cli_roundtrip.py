@@ -147,3 +147,24 @@ def test_gate_limits_must_be_finite_and_in_range(tiny_llama, args):
     proc = run_cli(verb, str(tiny_llama), *gate, "--json")
     assert proc.returncode == 2, proc.stderr
     assert "must be a finite number" in parse_json_stdout(proc)["error"]
+
+
+def test_saved_recipe_reruns_from_another_directory(tiny_llama, tmp_path):
+    """The recipe saved beside an output names the model and the output by absolute paths, so that
+    `effllm run OUT/effllm_recipe.yaml` works from any directory (paths were relative to the first run's)."""
+    import shutil
+
+    import yaml
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(tiny_llama, work / "model")
+    proc = run_cli("quantize", "--bits", "4", "--group-size", "32", "model", "-o", "q4", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    saved = yaml.safe_load((work / "q4" / "effllm_recipe.yaml").read_text())
+    assert saved["model"] == str((work / "model").resolve()) and saved["output"]["path"] == str((work / "q4").resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = run_cli("run", str(work / "q4" / "effllm_recipe.yaml"), "-o", "again", cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr
+    assert (elsewhere / "again" / "model.safetensors").is_file()
