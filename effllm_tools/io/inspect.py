@@ -47,6 +47,8 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
         "model_type": config.get("model_type"),
         "architectures": config.get("architectures"),
         "methods": [st.get("method") for st in _all_stages(provenance)],
+        "chain": [{"method": st.get("method"), "config": st.get("config"), "metrics": st.get("metrics")}
+                  for st in _all_stages(provenance)],  # every stage of every command, oldest first
         "quantization": {"quant_method": qc.get("quant_method"), "modules": len(modules), "bits": bits,
                          "formats": sorted({m.get("format") for m in modules.values()}),
                          "avg_bits": _avg_bits(modules, provenance)} if qc else None,

@@ -212,6 +212,8 @@ def test_cli_wanda_pp_2of4_then_quantize_keeps_or_reports_exact_zeros(tiny_llama
     assert m["exact_zeros_kept"] < m["input_exact_zeros"] and "keeps only" in proc.stderr
     info = inspect_checkpoint(sq)
     assert info["sparsity"]["lost_by"] == ["spqr"] and "NOT KEPT: spqr" in render_inspection(info)
+    assert [st["method"] for st in info["chain"]] == ["wanda++", "spqr"]  # the whole chain, configs included
+    assert info["chain"][0]["config"]["sparsity"] == "2:4" and "avg_bits" in info["chain"][1]["metrics"]
 
 
 @pytest.mark.gpu
