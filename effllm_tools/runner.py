@@ -162,6 +162,7 @@ def plan_recipe(recipe: Recipe, *, model: str | None = None) -> dict[str, Any]:
     source, config = check_before_loading(recipe, model or recipe.model)
     with init_empty_weights():
         meta = AutoModelForCausalLM.from_config(config)
+    meta.tie_weights()  # from_config leaves a tied LM head untied: it would count twice
     arch = get_arch(config)
     prefix = layers_prefix_of(meta, arch)
     linears = [n for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(prefix + ".")]

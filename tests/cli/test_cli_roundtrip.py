@@ -81,6 +81,26 @@ def test_dry_run_writes_nothing(tiny_llama, tmp_path):
     plan = parse_json_stdout(proc)["plan"]
     assert plan["matched_linear_modules"] == 14 and plan["stages"][0]["method"] == "rtn"
     assert not out.exists()
+    assert plan["parameters"] == stored_parameters(tiny_llama)
+
+
+def stored_parameters(path) -> int:
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+@pytest.mark.slow
+def test_dry_run_counts_a_tied_lm_head_once():
+    """The demo model ties its LM head to the embeddings: 134.5M parameters, not 162.8M."""
+    from effllm_tools.io.demo import ensure_demo_checkpoint
+
+    proc = run_cli("quantize", "demo", "-o", "never", "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert parse_json_stdout(proc)["plan"]["parameters"] == stored_parameters(ensure_demo_checkpoint())
 
 
 def test_run_recipe_with_set_and_inspect(tiny_llama, tmp_path):
