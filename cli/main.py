@@ -64,10 +64,12 @@ def _finish(code: int) -> None:
 
 
 def _require_model(model: str | None) -> str:
-    if model is None:
-        from effllm_tools.errors import BadInputError
+    from effllm_tools.errors import BadInputError
 
+    if model is None:
         raise BadInputError("missing argument MODEL (a model directory, .gguf file, hub id, or 'demo')")
+    if not model.strip():
+        raise BadInputError("empty MODEL argument (an unset variable, or an earlier command in a chain that failed?)")
     return model
 
 
@@ -346,9 +348,17 @@ def inspect(
     ui = Ui(quiet=quiet, verbose=verbose, json_mode=json, command="inspect")
 
     def body() -> None:
+        from effllm_tools.errors import BadInputError
         from effllm_tools.io.inspect import inspect_checkpoint, render_inspection
 
-        info = inspect_checkpoint(Path(path))
+        if not path.strip():
+            raise BadInputError("empty PATH argument (an unset variable, or a failed command in a chain?)")
+        if path == "demo":  # the base demo model's cached folder, as every other verb reads it
+            from effllm_tools.io.demo import ensure_demo_checkpoint
+
+            info = inspect_checkpoint(ensure_demo_checkpoint())
+        else:
+            info = inspect_checkpoint(Path(path))
         ui.result(info, render_inspection(info))
 
     _finish(run_guarded(ui, body))

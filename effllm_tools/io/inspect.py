@@ -24,8 +24,11 @@ def _json_object(f: Path) -> dict[str, Any]:
 
 
 def inspect_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise BadInputError(f"{path}: no such file or directory")
     if not path.is_dir() or not (path / "config.json").is_file():
-        raise BadInputError(f"{path}: not a checkpoint directory (no config.json)")
+        raise BadInputError(f"{path}: not a checkpoint directory (no config.json; inspect reads effllm's and "
+                            "transformers' folders, not a .gguf file)")
     config = _json_object(path / "config.json")
     files = sorted(path.glob("*.safetensors"))
     if not files:

@@ -63,6 +63,8 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 
 def resolve_source(spec: str) -> ModelSource:
     """Classify MODEL without loading weights; missing paths are errors (exit 2)."""
+    if not spec.strip():  # e.g. an unset shell variable or a failed $(...) in a chain
+        raise BadInputError("empty MODEL argument (an unset variable, or an earlier command in a chain that failed?)")
     if spec == "demo":
         from effllm_tools.io.demo import ensure_demo_checkpoint
 

@@ -434,3 +434,26 @@ def test_a_second_run_on_the_same_output_is_refused(tiny_llama, tmp_path):
     assert not [p.name for p in tmp_path.iterdir()]  # the lock file went with the lock
     assert run_cli("prune", "--method", "magnitude", "--sparsity", "0.3", str(tiny_llama), "-o", str(out)).returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (("eval-ppl", "", "--seqlen", "64"), "empty MODEL argument"),  # a failed $(...) in a chain
+    (("quantize", "", "-o", "never"), "empty MODEL argument"),
+    (("inspect", ""), "empty PATH argument"),
+    (("inspect", "no/such/dir"), "no/such/dir: no such file or directory"),
+])
+def test_empty_and_missing_paths_say_so(tmp_path, args, needle):
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+@pytest.mark.slow
+def test_inspect_reads_demo_and_refuses_a_gguf(tmp_path):
+    from effllm_tools.io.demo import demo_gguf_path
+
+    proc = run_cli("inspect", "demo", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["model_type"] == "llama"
+    proc = run_cli("inspect", str(demo_gguf_path()))
+    assert proc.returncode == 2 and "not a .gguf file" in proc.stderr, proc.stderr
