@@ -258,7 +258,8 @@ def _check_gate(flag: str, limit: float | None, low: float, high: float) -> None
     from effllm_tools.errors import BadInputError
 
     if limit is not None and not (math.isfinite(limit) and low <= limit <= high):
-        raise BadInputError(f"{flag} must be a finite number in [{low:g}, {high:g}], got {limit}")
+        bound = f">= {low:g}" if math.isinf(high) else f"in [{low:g}, {high:g}]"
+        raise BadInputError(f"{flag} must be a finite number {bound}, got {limit}")
 
 
 def _gated_result(ui: Ui, res: dict[str, Any], plain: str, gate: str, limit: float | None, *, failed: bool,

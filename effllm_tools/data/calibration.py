@@ -144,7 +144,7 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None = None) 
     total = ids.numel()
     if max_tokens is not None:
         if max_tokens < 1:
-            raise BadInputError(f"evaluation: max_tokens must be >= 1, got {max_tokens}")
+            raise BadInputError(f"evaluation: --max-tokens must be >= 1, got {max_tokens}")
         ids = ids[:max_tokens]
     n = ids.numel() // seqlen
     if n == 0:

@@ -99,8 +99,8 @@ def run_eval_passkey(model: str, *, lengths: list[int], depths: list[float], tri
         raise BadInputError(f"--trials must be at least 1, got {trials}")
     if any(n < 64 for n in lengths):
         raise BadInputError(f"--lengths: every length must be at least 64 tokens, got {min(lengths)}")
-    if any(not 0.0 <= d <= 1.0 for d in depths):
-        raise BadInputError("--depths: every depth must lie in [0, 1]")
+    if bad := [d for d in depths if not 0.0 <= d <= 1.0]:
+        raise BadInputError(f"--depths: every depth must lie in [0, 1], got {bad[0]:g}")
     device = resolve_device(device)
     seed_everything(seed)
     t0 = time.perf_counter()

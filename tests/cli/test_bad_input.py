@@ -441,6 +441,8 @@ def test_a_second_run_on_the_same_output_is_refused(tiny_llama, tmp_path):
     (("quantize", "", "-o", "never"), "empty MODEL argument"),
     (("inspect", ""), "empty PATH argument"),
     (("inspect", "no/such/dir"), "no/such/dir: no such file or directory"),
+    (("eval-ppl", "nowhere", "--max-ppl", "inf"), "--max-ppl must be a finite number >= 0, got inf"),
+    (("eval-passkey", "nowhere", "--depths", "0.5,1.5"), "every depth must lie in [0, 1], got 1.5"),
 ])
 def test_empty_and_missing_paths_say_so(tmp_path, args, needle):
     proc = run_cli(*args, cwd=tmp_path)
