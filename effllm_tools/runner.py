@@ -229,7 +229,7 @@ def run_recipe(recipe: Recipe, *, device: str = "auto", dtype: str | None = None
                 "methods": [st.method for st in recipe.stages], "modules": ctx.modules,
             }
         metrics = {k: v for rec in stage_records for k, v in rec["metrics"].items()}
-        recipe_dict = portable_recipe(recipe.to_dict(), out)
+        recipe_dict = portable_recipe(recipe.to_dict(), out, source)
         provenance = {
             **base_record(device),
             "source": source.describe(),
@@ -250,20 +250,28 @@ def run_recipe(recipe: Recipe, *, device: str = "auto", dtype: str | None = None
                 "provenance": provenance}
 
 
-def portable_recipe(recipe: dict[str, Any], out: Path) -> dict[str, Any]:
-    """The recipe as saved beside an output: local paths (the model, text files and folders named as
-    datasets) absolute, and ``output.path`` the output's, so that ``effllm run OUT/effllm_recipe.yaml``
-    works from any directory. Hub ids, ``demo`` and named datasets stay as they are."""
+def portable_recipe(recipe: dict[str, Any], out: Path, source: Any) -> dict[str, Any]:
+    """The recipe as saved beside an output: the local paths the run read (the model directory or
+    .gguf file as ``source`` resolved it, text files and folders named as datasets) absolute, and
+    ``output.path`` the output's, so that ``effllm run OUT/effllm_recipe.yaml`` works from any directory.
+    Hub ids, ``demo`` and named datasets stay names, as the loaders read them (a named set wins over a
+    same-named local folder unless the spec looks like a path)."""
+    from effllm_tools.data.sources import list_named_sets, looks_like_path
 
-    def absolute(value: Any) -> Any:
-        if isinstance(value, str) and value and Path(value).expanduser().exists():
+    named = list_named_sets()
+
+    def dataset(value: Any) -> Any:
+        if (isinstance(value, str) and value and (value not in named or looks_like_path(value))
+                and Path(value).expanduser().exists()):
             return str(Path(value).expanduser().resolve())
         return value
 
-    saved = {**recipe, "model": absolute(recipe.get("model")), "output": {**recipe.get("output", {}),
-                                                                            "path": str(out.expanduser().resolve())}}
+    model = recipe.get("model")
+    if source.kind in ("directory", "gguf"):
+        model = str(source.path / source.gguf_file) if source.kind == "gguf" else str(source.path)
+    saved = {**recipe, "model": model, "output": {**recipe.get("output", {}), "path": str(out.expanduser().resolve())}}
     if isinstance(saved.get("calibration"), dict):
-        saved["calibration"] = {**saved["calibration"], "dataset": absolute(saved["calibration"].get("dataset"))}
-    saved["stages"] = [{**st, "dataset": absolute(st["dataset"])} if "dataset" in st else st
+        saved["calibration"] = {**saved["calibration"], "dataset": dataset(saved["calibration"].get("dataset"))}
+    saved["stages"] = [{**st, "dataset": dataset(st["dataset"])} if "dataset" in st else st
                        for st in recipe.get("stages", [])]
     return saved

@@ -48,7 +48,7 @@ def load_text(spec: str, *, field: str = "text") -> TextSource:
     """
     spec = str(spec)
     check_text_spec(spec)
-    if spec in list_named_sets() and not _looks_like_path(spec):
+    if spec in list_named_sets() and not looks_like_path(spec):
         loader = load_hub_set if spec in HUB_SETS else load_offline_set
         text, meta = loader(spec)
     else:
@@ -64,14 +64,15 @@ def check_text_spec(spec: str) -> None:
     if not spec.strip():
         raise BadInputError("dataset: empty name; pass a named set or a file/folder path")
     named = list_named_sets()
-    if spec in named and not _looks_like_path(spec):
+    if spec in named and not looks_like_path(spec):
         return
     path = Path(spec).expanduser()
     if not path.exists():
         raise BadInputError(f"{path}: no such file or folder, and not a named set (named sets: {', '.join(named)})")
 
 
-def _looks_like_path(spec: str) -> bool:
+def looks_like_path(spec: str) -> bool:
+    """Whether a dataset spec names a path even when a named set has the same name."""
     return spec.startswith(".") or "/" in spec or os.sep in spec
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,3 +189,26 @@ def test_saved_recipe_reruns_from_another_directory(tiny_llama, tmp_path):
     proc = run_cli("run", str(work / "q4" / "effllm_recipe.yaml"), "-o", "again", cwd=elsewhere)
     assert proc.returncode == 0, proc.stderr
     assert (elsewhere / "again" / "model.safetensors").is_file()
+
+
+def test_saved_recipe_keeps_names_that_the_loaders_read_as_names(tmp_path, monkeypatch):
+    """A named set or 'demo' stays a name in the saved recipe even when a same-named folder sits in the
+    working directory (the loaders read the name there); a local file given as a path becomes absolute."""
+    from types import SimpleNamespace
+
+    from effllm_tools.runner import portable_recipe
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("demo", "calib-mix", "austen-emma"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    recipe = {"model": "demo", "calibration": {"dataset": "calib-mix"}, "output": {"path": "o"},
+              "stages": [{"method": "longrope2", "dataset": "austen-emma"}, {"method": "rtn"}]}
+    saved = portable_recipe(recipe, Path("o"), SimpleNamespace(kind="demo", path=tmp_path / "x", gguf_file=None))
+    assert saved["model"] == "demo" and saved["calibration"]["dataset"] == "calib-mix"
+    assert saved["stages"][0]["dataset"] == "austen-emma" and saved["output"]["path"] == str(tmp_path / "o")
+    recipe["calibration"]["dataset"] = "./calib-mix"
+    recipe["stages"][0]["dataset"] = "notes.txt"
+    saved = portable_recipe(recipe, Path("o"), SimpleNamespace(kind="directory", path=tmp_path / "m", gguf_file=None))
+    assert saved["model"] == str(tmp_path / "m") and saved["calibration"]["dataset"] == str(tmp_path / "calib-mix")
+    assert saved["stages"][0]["dataset"] == str(tmp_path / "notes.txt") and "dataset" not in saved["stages"][1]

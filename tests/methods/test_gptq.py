@@ -150,6 +150,19 @@ def test_a_pruned_weight_stays_pruned(symmetric, act_order):
     filled = gptq_quantize(w, h, 3, 32, symmetric=symmetric, act_order=act_order, keep_zeros=False)
     assert int((filled.dequantized(32)[w == 0] != 0).sum()) > 0  # without it GPTQ fills them in
     dense = torch.randn(32, 96, generator=torch.Generator().manual_seed(8))
+    dense[0, :20] = 0.0  # incidental zeros (0.65% < SPARSE_SHARE): not a pruning mask, quantized as before
     auto = gptq_quantize(dense, h, 3, 32, symmetric=symmetric, act_order=act_order)
     off = gptq_quantize(dense, h, 3, 32, symmetric=symmetric, act_order=act_order, keep_zeros=False)
     assert torch.equal(auto.codes, off.codes) and torch.equal(auto.zeros, off.zeros)
+
+
+def test_zero_counts_see_pruned_weights_only():
+    from effllm_tools.methods.rtn.algorithm import zero_counts
+
+    w = two_four(torch.randn(8, 64, generator=torch.Generator().manual_seed(1)))
+    kept = w.clone()
+    kept[0, w[0] == 0] = 1.0  # one row's zeros filled in
+    assert zero_counts(w, w) == (256, 256) and zero_counts(w, kept) == (256, 224)
+    dense = torch.randn(8, 64, generator=torch.Generator().manual_seed(2))
+    dense[0, 0] = 0.0  # 1 of 512 zeros: incidental
+    assert zero_counts(dense, torch.ones_like(dense)) == (0, 0)

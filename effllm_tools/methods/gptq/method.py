@@ -32,7 +32,7 @@ from effllm_tools.methods.gptq.algorithm import (
     gptq_quantize,
     hessian_error,
 )
-from effllm_tools.methods.rtn.algorithm import dequantize_codes, quantize_rtn
+from effllm_tools.methods.rtn.algorithm import dequantize_codes, quantize_rtn, zero_counts
 from effllm_tools.methods.rtn.format import RTNLinear
 from effllm_tools.pipeline import LayerContext, decoder_layers
 from effllm_tools.registry import MethodSpec, StageResult, register_method
@@ -40,6 +40,8 @@ from effllm_tools.registry import MethodSpec, StageResult, register_method
 # Per-linear numbers kept in ctx.artifacts (and so in the resume state): [gptq error, rtn error,
 # damping retries, percdamp used].
 _STATS = ".gptq_stats"
+#: Resume state written before pruned inputs kept their zeros (and before the zero counts) is refused.
+FINGERPRINT = {"keeps_pruned_zeros": 1}
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -101,12 +103,6 @@ def quantize_linear(lin: nn.Linear, hessian: torch.Tensor, cfg: GPTQConfig) -> t
                           *zero_counts(w, res.dequantized(gs))], dtype=torch.float64)
     return _packed_module(lin, res.codes, res.scales, res.zeros, cfg), stats
 
-
-def zero_counts(w: torch.Tensor, w_hat: torch.Tensor) -> tuple[int, int]:
-    """(exact zeros of the input weight, how many of them the quantized weight keeps): the
-    ``input_exact_zeros`` / ``exact_zeros_kept`` metrics, which tell whether a pruned input stays pruned."""
-    zero = w == 0
-    return int(zero.sum()), int((zero & (w_hat.to(zero.device) == 0)).sum())
 
 
 def layer_hessians(lctx: LayerContext, readers: list[str]) -> dict[str, torch.Tensor]:
@@ -247,8 +243,8 @@ def stats_metrics(artifacts: list[dict[str, torch.Tensor]], stats_key: str, zero
         "hessian_error_vs_rtn": sum(ratios) / max(len(ratios), 1),
         "damping_retries": sum(int(s[2]) for s in stats),
         "max_percdamp": max((float(s[3]) for s in stats), default=0.0),
-        "input_exact_zeros": sum(int(s[zeros_at]) for s in stats),
-        "exact_zeros_kept": sum(int(s[zeros_at + 1]) for s in stats),
+        "input_exact_zeros": sum(int(s[zeros_at]) for s in stats if len(s) > zeros_at + 1),  # (older states: none)
+        "exact_zeros_kept": sum(int(s[zeros_at + 1]) for s in stats if len(s) > zeros_at + 1),
     }
 
 
@@ -264,7 +260,7 @@ def _metrics(ctx: Any, artifacts: list[dict[str, torch.Tensor]]) -> dict[str, An
 def apply_gptq(ctx: Any, cfg: GPTQConfig) -> StageResult:
     """Calibrate layer by layer and replace every target linear by its GPTQ-quantized RTNLinear."""
     result = run_calibrated_layers(ctx, cfg, make_on_layer(cfg, ctx.reporter.warning), method="gptq",
-                                   restore_layer=make_restore(cfg, ctx.arch))
+                                   restore_layer=make_restore(cfg, ctx.arch), fingerprint_extra=FINGERPRINT)
     return StageResult(metrics=_metrics(ctx, result.artifacts))
 
 

@@ -25,6 +25,16 @@ import torch
 SPARSE_SHARE = 0.01  # a weight with at least this share of exact zeros is treated as pruned
 
 
+def zero_counts(w: torch.Tensor, w_hat: torch.Tensor) -> tuple[int, int]:
+    """(exact zeros of a *sparse* input weight, how many of them the quantized weight keeps): the
+    ``input_exact_zeros`` / ``exact_zeros_kept`` metrics, which tell whether a pruned input stays pruned.
+    A weight below ``SPARSE_SHARE`` counts (0, 0): its few zeros are incidental, not a pruning mask."""
+    zero = w == 0
+    if not zero.numel() or float(zero.float().mean()) < SPARSE_SHARE:
+        return 0, 0
+    return int(zero.sum()), int((zero & (w_hat.to(zero.device) == 0)).sum())
+
+
 def group_count(in_features: int, group_size: int) -> int:
     return (in_features + group_size - 1) // group_size
 

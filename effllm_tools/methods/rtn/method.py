@@ -9,6 +9,7 @@ import torch
 
 from effllm_tools.errors import BadInputError
 from effllm_tools.methods.common import check_ignore_patterns, replace_module, target_linears
+from effllm_tools.methods.rtn.algorithm import zero_counts
 from effllm_tools.methods.rtn.format import RTNLinear
 from effllm_tools.registry import MethodSpec, StageResult, register_method
 
@@ -44,8 +45,9 @@ def apply_rtn(ctx: Any, cfg: RTNConfig) -> StageResult:
         sq_err += float((w - w_hat).pow(2).sum())
         sq_ref += float(w.pow(2).sum())
         stored += q.storage_bits()
-        zeros_in += int((w == 0).sum())  # pruned weights (e.g. wanda): rtn keeps them exact zeros
-        zeros_kept += int(((w == 0) & (w_hat == 0)).sum())
+        z_in, z_kept = zero_counts(w, w_hat)  # pruned weights (e.g. wanda): rtn keeps them exact zeros
+        zeros_in += z_in
+        zeros_kept += z_kept
         weights += w.numel()
         replace_module(ctx.model, name, q.to(lin.weight.device))
         ctx.record_module(name, q.spec())

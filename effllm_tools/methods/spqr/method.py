@@ -33,15 +33,15 @@ from effllm_tools.errors import BadInputError, UnsupportedError
 from effllm_tools.methods.common import RestoreLayer, check_ignore_patterns, run_calibrated_layers
 from effllm_tools.methods.gptq.algorithm import hessian_error
 from effllm_tools.methods.gptq.method import (
+    FINGERPRINT,
     group_size_for,
     make_group_step,
     make_swap_restore,
     packed_modules,
     stats_metrics,
-    zero_counts,
 )
 from effllm_tools.methods.gptq.method import make_on_layer as gptq_make_on_layer
-from effllm_tools.methods.rtn.algorithm import SPARSE_SHARE, dequantize_codes, quantize_rtn
+from effllm_tools.methods.rtn.algorithm import SPARSE_SHARE, dequantize_codes, quantize_rtn, zero_counts
 from effllm_tools.methods.spqr.algorithm import spqr_quantize
 from effllm_tools.methods.spqr.format import SpQRLinear
 from effllm_tools.pipeline import LayerContext
@@ -143,7 +143,7 @@ def _metrics(ctx: Any, artifacts: list[dict[str, torch.Tensor]]) -> dict[str, An
 def apply_spqr(ctx: Any, cfg: SpQRConfig) -> StageResult:
     """Calibrate layer by layer and replace every target linear by its SpQRLinear."""
     result = run_calibrated_layers(ctx, cfg, make_on_layer(cfg, ctx.reporter.warning), method="spqr",
-                                   restore_layer=make_restore(cfg, ctx.arch))
+                                   restore_layer=make_restore(cfg, ctx.arch), fingerprint_extra=FINGERPRINT)
     metrics = _metrics(ctx, result.artifacts)
     ctx.reporter.info(f"spqr: {metrics['quantized_modules']} linears, {metrics['avg_bits']:.4f} average bits, "
                       f"{metrics['outlier_share']:.3%} outliers")
