@@ -62,11 +62,12 @@ def kl_to(base: nn.Module, model: nn.Module, ids: torch.Tensor) -> float:
 
 def straight_and_resumed(base: nn.Module, ids: torch.Tensor, cfg: Any, method: str, apply: Callable[..., Any],
                          make_on_layer: Callable[[Any], Callable[..., None]], state_dir: Path,
-                         crash_at: int = 2, own_state_dir: bool = False,
+                         crash_at: int = 2, own_state_dir: bool = False, fingerprint_extra: dict | None = None,
                          ) -> tuple[nn.Module, nn.Module, Any, dict[str, Any]]:
     """Run stage ``method`` on two copies of ``base``: straight through, and in a run that crashes
     (KeyboardInterrupt) at layer ``crash_at`` with its state saved in ``state_dir`` (``state_dir /
     method`` for a stage with ``own_state_dir``), then resumes from that state through ``apply``.
+    ``fingerprint_extra``: what the method adds to the resume fingerprint (``run_calibrated_layers``).
     Returns both models, the resumed run's context and its metrics."""
     straight = copy.deepcopy(base)
     apply(stage_ctx(straight, ids), cfg)
@@ -78,7 +79,7 @@ def straight_and_resumed(base: nn.Module, ids: torch.Tensor, cfg: Any, method: s
             raise KeyboardInterrupt
         on_layer(lctx)
 
-    fingerprint = make_fingerprint(crashed, ids, {"method": method, **cfg.__dict__})
+    fingerprint = make_fingerprint(crashed, ids, {"method": method, **(fingerprint_extra or {}), **cfg.__dict__})
     with pytest.raises(KeyboardInterrupt):
         run_layerwise(crashed, ids, crash, state_dir=state_dir / method if own_state_dir else state_dir,
                       fingerprint=fingerprint)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from effllm_tools.methods.gptq.method import GPTQConfig, apply_gptq, make_on_layer
+from effllm_tools.methods.gptq.method import FINGERPRINT, GPTQConfig, apply_gptq, make_on_layer
 from effllm_tools.methods.rtn.format import RTNLinear
 from effllm_tools.methods.rtn.method import RTNConfig, apply_rtn
 from tests.conftest import parse_json_stdout, run_cli
@@ -44,7 +44,7 @@ def test_gptq_beats_rtn_at_three_bits_on_held_out_tokens():
 def test_resume_after_a_crash_gives_the_same_codes(tmp_path):
     cfg = GPTQConfig(bits=4, group_size=16, act_order=True)
     straight, resumed, ctx, metrics = straight_and_resumed(build_model("qwen3", seed=2), random_ids(3, 4, 16), cfg,
-                                                           "gptq", apply_gptq, make_on_layer, tmp_path)
+                                                           "gptq", apply_gptq, make_on_layer, tmp_path, fingerprint_extra=FINGERPRINT)
     assert metrics["quantized_modules"] == 21 and len(ctx.modules) == 21
     assert ctx.logs == ["gptq: resumed after layer 1"]
     assert ctx.progress == ["open gptq layers"] + ["advance"] * 3 + ["close"]  # 2 resumed layers count as done

@@ -12,6 +12,7 @@ import torch
 import effllm_tools
 from effllm_tools.io.headers import read_safetensors_header
 from effllm_tools.io.inspect import inspect_checkpoint
+from effllm_tools.methods.gptq.method import FINGERPRINT
 from effllm_tools.methods.rtn.method import RTNConfig, apply_rtn
 from effllm_tools.methods.spqr.format import SpQRLinear
 from effllm_tools.methods.spqr.method import SpQRConfig, apply_spqr, make_on_layer
@@ -77,7 +78,7 @@ def test_spqr_beats_rtn_with_fewer_bits_on_a_trained_tiny_model():
 def test_resume_after_a_crash_gives_the_same_tensors(tmp_path):
     cfg = SpQRConfig(bits=3, group_size=16, outlier_threshold=0.1)
     straight, resumed, ctx, metrics = straight_and_resumed(build_model("qwen3", seed=2), random_ids(3, 4, 16), cfg,
-                                                           "spqr", apply_spqr, make_on_layer, tmp_path)
+                                                           "spqr", apply_spqr, make_on_layer, tmp_path, fingerprint_extra=FINGERPRINT)
     assert metrics["quantized_modules"] == 21 and len(ctx.modules) == 21 and metrics["outlier_share"] > 0
     assert "spqr: resumed after layer 1" in ctx.logs
     assert assert_same_packed_modules(straight, resumed, SpQRLinear) == 21
