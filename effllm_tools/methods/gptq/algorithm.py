@@ -34,10 +34,10 @@ from dataclasses import dataclass
 import torch
 
 from effllm_tools.methods.rtn.algorithm import (
-    SPARSE_SHARE,
     dequantize_codes,
     fit_grid,
     group_count,
+    is_sparse,
     quantize_to_codes,
 )
 
@@ -233,7 +233,7 @@ def gptq_quantize(
     ``grid`` replaces the default :class:`GroupGrid` (it must use the same group size).
     ``keep_zeros``: the exact zeros of ``weight`` stay exact zeros (a pruned layer keeps its mask, as in
     SparseGPT's joint quantization: their rounding error is the whole updated value, propagated like any
-    other column's); None turns it on for sparse weights (``rtn.algorithm.SPARSE_SHARE``), the default grid only.
+    other column's); None turns it on for sparse weights (``rtn.algorithm.is_sparse``), the default grid only.
     """
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be in 2..8, got {bits}")
@@ -247,7 +247,7 @@ def gptq_quantize(
     if keep_zeros and grid is not None:
         raise ValueError("keep_zeros works with the default grid only")
     if keep_zeros is None:
-        keep_zeros = grid is None and bool(weight.numel()) and float((weight == 0).float().mean()) >= SPARSE_SHARE
+        keep_zeros = grid is None and is_sparse(weight)
     keep = (weight == 0).to(w.device) if keep_zeros else None
     grid = grid or GroupGrid((n, k), bits, gs, symmetric, stats_dtype, w.device, keep)
     if act_order:

@@ -38,7 +38,7 @@ from effllm_tools.pipeline import LayerContext, decoder_layers
 from effllm_tools.registry import MethodSpec, StageResult, register_method
 
 # Per-linear numbers kept in ctx.artifacts (and so in the resume state): [gptq error, rtn error,
-# damping retries, percdamp used].
+# damping retries, percdamp used, input exact zeros, of them kept].
 _STATS = ".gptq_stats"
 #: Resume state written before pruned inputs kept their zeros (and before the zero counts) is refused.
 FINGERPRINT = {"keeps_pruned_zeros": 1}
@@ -102,7 +102,6 @@ def quantize_linear(lin: nn.Linear, hessian: torch.Tensor, cfg: GPTQConfig) -> t
     stats = torch.tensor([res.loss, hessian_error(w, rtn, hessian), res.retries, res.percdamp,
                           *zero_counts(w, res.dequantized(gs))], dtype=torch.float64)
     return _packed_module(lin, res.codes, res.scales, res.zeros, cfg), stats
-
 
 
 def layer_hessians(lctx: LayerContext, readers: list[str]) -> dict[str, torch.Tensor]:

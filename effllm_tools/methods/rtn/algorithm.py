@@ -25,13 +25,19 @@ import torch
 SPARSE_SHARE = 0.01  # a weight with at least this share of exact zeros is treated as pruned
 
 
+def is_sparse(w: torch.Tensor) -> bool:
+    """Whether ``w`` holds at least ``SPARSE_SHARE`` exact zeros: a pruned weight, whose zeros the
+    quantizers keep; fewer are incidental (module docstring)."""
+    return bool(w.numel()) and float((w == 0).float().mean()) >= SPARSE_SHARE
+
+
 def zero_counts(w: torch.Tensor, w_hat: torch.Tensor) -> tuple[int, int]:
     """(exact zeros of a *sparse* input weight, how many of them the quantized weight keeps): the
     ``input_exact_zeros`` / ``exact_zeros_kept`` metrics, which tell whether a pruned input stays pruned.
-    A weight below ``SPARSE_SHARE`` counts (0, 0): its few zeros are incidental, not a pruning mask."""
-    zero = w == 0
-    if not zero.numel() or float(zero.float().mean()) < SPARSE_SHARE:
+    A weight that is not :func:`is_sparse` counts (0, 0): its few zeros are not a pruning mask."""
+    if not is_sparse(w):
         return 0, 0
+    zero = w == 0
     return int(zero.sum()), int((zero & (w_hat.to(zero.device) == 0)).sum())
 
 
@@ -103,7 +109,7 @@ def quantize_rtn(
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be in 2..8, got {bits}")
     if keep_zeros is None:
-        keep_zeros = bool(w.numel()) and float((w == 0).float().mean()) >= SPARSE_SHARE
+        keep_zeros = is_sparse(w)
     if group_size <= 0 or group_size > w.shape[1]:
         group_size = w.shape[1]
     scales, zeros = fit_grid(w, bits, group_size, symmetric, stats_dtype, keep_zeros=keep_zeros)

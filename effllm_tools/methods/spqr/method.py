@@ -41,7 +41,7 @@ from effllm_tools.methods.gptq.method import (
     stats_metrics,
 )
 from effllm_tools.methods.gptq.method import make_on_layer as gptq_make_on_layer
-from effllm_tools.methods.rtn.algorithm import SPARSE_SHARE, dequantize_codes, quantize_rtn, zero_counts
+from effllm_tools.methods.rtn.algorithm import dequantize_codes, quantize_rtn, zero_counts
 from effllm_tools.methods.spqr.algorithm import spqr_quantize
 from effllm_tools.methods.spqr.format import SpQRLinear
 from effllm_tools.pipeline import LayerContext
@@ -136,8 +136,7 @@ def _metrics(ctx: Any, artifacts: list[dict[str, torch.Tensor]]) -> dict[str, An
         bits += spec["avg_bits"] * size
         params += size
         nnz += mod.nnz
-    return stats_metrics(artifacts, _STATS, 5, avg_bits=bits / max(params, 1), outlier_share=nnz / max(params, 1),
-                         quantized_weights=int(params))
+    return stats_metrics(artifacts, _STATS, 5, avg_bits=bits / max(params, 1), outlier_share=nnz / max(params, 1))
 
 
 def apply_spqr(ctx: Any, cfg: SpQRConfig) -> StageResult:
@@ -148,7 +147,7 @@ def apply_spqr(ctx: Any, cfg: SpQRConfig) -> StageResult:
     ctx.reporter.info(f"spqr: {metrics['quantized_modules']} linears, {metrics['avg_bits']:.4f} average bits, "
                       f"{metrics['outlier_share']:.3%} outliers")
     zeros, kept = metrics["input_exact_zeros"], metrics["exact_zeros_kept"]
-    if zeros >= SPARSE_SHARE * metrics["quantized_weights"] and kept < zeros:
+    if kept < zeros:  # zero_counts counts the pruned linears only
         ctx.reporter.warning(f"spqr: the input was pruned ({zeros} exact zeros) and spqr keeps only {kept} of them "
                              "(its quantized zero points cannot represent 0 exactly); gptq and rtn keep them")
     return StageResult(metrics=metrics)
