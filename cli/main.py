@@ -66,10 +66,8 @@ def _finish(code: int) -> None:
 def _require_model(model: str | None) -> str:
     from effllm_tools.errors import BadInputError
 
-    if model is None:
+    if model is None:  # an empty one reaches io.load.resolve_source, which says so for every verb
         raise BadInputError("missing argument MODEL (a model directory, .gguf file, hub id, or 'demo')")
-    if not model.strip():
-        raise BadInputError("empty MODEL argument (an unset variable, or an earlier command in a chain that failed?)")
     return model
 
 

@@ -135,7 +135,7 @@ def check_before_loading(recipe: Recipe, model: str | None) -> tuple[Any, Any]:
     Returns (source, config)."""
     from effllm_tools.data.sources import check_text_spec
 
-    if not model:
+    if model is None:
         raise BadInputError("the recipe names no model (set 'model:' or pass MODEL)")
     if not recipe.output.get("path"):
         raise BadInputError("no output directory: pass -o/--output or set output.path in the recipe")
@@ -159,7 +159,7 @@ def plan_recipe(recipe: Recipe, *, model: str | None = None) -> dict[str, Any]:
 
     from effllm_tools.pipeline.arch import get_arch
 
-    source, config = check_before_loading(recipe, model or recipe.model)
+    source, config = check_before_loading(recipe, recipe.model if model is None else model)
     with init_empty_weights():
         meta = AutoModelForCausalLM.from_config(config)
     meta.tie_weights()  # from_config leaves a tied LM head untied: it would count twice
@@ -256,13 +256,10 @@ def portable_recipe(recipe: dict[str, Any], out: Path, source: Any) -> dict[str,
     ``output.path`` the output's, so that ``effllm run OUT/effllm_recipe.yaml`` works from any directory.
     Hub ids, ``demo`` and named datasets stay names, as the loaders read them (a named set wins over a
     same-named local folder unless the spec looks like a path)."""
-    from effllm_tools.data.sources import list_named_sets, looks_like_path
-
-    named = list_named_sets()
+    from effllm_tools.data.sources import names_a_set
 
     def dataset(value: Any) -> Any:
-        if (isinstance(value, str) and value and (value not in named or looks_like_path(value))
-                and Path(value).expanduser().exists()):
+        if isinstance(value, str) and value and not names_a_set(value) and Path(value).expanduser().exists():
             return str(Path(value).expanduser().resolve())
         return value
 

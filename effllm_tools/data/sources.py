@@ -48,7 +48,7 @@ def load_text(spec: str, *, field: str = "text") -> TextSource:
     """
     spec = str(spec)
     check_text_spec(spec)
-    if spec in list_named_sets() and not looks_like_path(spec):
+    if names_a_set(spec):
         loader = load_hub_set if spec in HUB_SETS else load_offline_set
         text, meta = loader(spec)
     else:
@@ -63,16 +63,20 @@ def check_text_spec(spec: str) -> None:
     spec = str(spec)
     if not spec.strip():
         raise BadInputError("dataset: empty name; pass a named set or a file/folder path")
-    named = list_named_sets()
-    if spec in named and not looks_like_path(spec):
+    if names_a_set(spec):
         return
     path = Path(spec).expanduser()
     if not path.exists():
-        raise BadInputError(f"{path}: no such file or folder, and not a named set (named sets: {', '.join(named)})")
+        raise BadInputError(f"{path}: no such file or folder, and not a named set (named sets: {', '.join(list_named_sets())})")
 
 
-def looks_like_path(spec: str) -> bool:
-    """Whether a dataset spec names a path even when a named set has the same name."""
+def names_a_set(spec: str) -> bool:
+    """Whether ``load_text`` reads ``spec`` as a named set: a set's name wins over a same-named local
+    path unless the spec looks like a path ("./calib-mix")."""
+    return spec in list_named_sets() and not _looks_like_path(spec)
+
+
+def _looks_like_path(spec: str) -> bool:
     return spec.startswith(".") or "/" in spec or os.sep in spec
 
 
