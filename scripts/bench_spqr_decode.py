@@ -140,6 +140,14 @@ def profile(model: nn.Module, ids: torch.Tensor, label: str) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60), flush=True)
 
 
+def reset_compiled(model) -> None:
+    """Drop the last run's static cache and compiled step, so the next run compiles afresh."""
+    for attr in ("_cache", "_compiled_call"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    torch._dynamo.reset()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=32)
@@ -149,6 +157,8 @@ def main() -> None:
     ap.add_argument("--modes", default="eager,compiled")
     ap.add_argument("--outliers", type=float, default=0.01)
     ap.add_argument("--profile", action="store_true", help="print GPU time per kernel of a compiled generate")
+    ap.add_argument("--compare-triton-gemv", action="store_true",
+                    help="also run the SpQR model with the Triton GEMV at M <= 3 (the CUDA GEMV switched off)")
     ap.add_argument("--compare-fused-prefill", action="store_true",
                     help="also run the SpQR model with the prefill on the fused kernels (no dequantize path)")
     args = ap.parse_args()
@@ -162,22 +172,26 @@ def main() -> None:
     rows: list[str] = []
     model = build_model(args.layers)
     run(model, "bf16", args, rows)
-    for attr in ("_cache", "_compiled_call"):  # the bf16 run's static cache and compiled step
-        if hasattr(model, attr):
-            delattr(model, attr)
-    torch._dynamo.reset()
+    reset_compiled(model)  # the bf16 run's static cache and compiled step
     n = to_spqr(model, args.outliers)
     label = f"SpQR 3/3/16/16, {args.outliers:.0%} outliers ({n} linears)"
     run(model, label, args, rows)
+    if args.compare_triton_gemv:  # the same model, decode on the Triton GEMV (the CUDA GEMV's fallback)
+        from effllm_kernels.spqr import cuda_gemv, launch
+
+        heuristic = cuda_gemv.heuristic
+        cuda_gemv.heuristic = lambda t, m, sms: None
+        launch._cached_config.cache_clear()
+        reset_compiled(model)
+        run(model, label + ", Triton GEMV", args, rows)
+        cuda_gemv.heuristic = heuristic
+        launch._cached_config.cache_clear()
     if args.compare_fused_prefill:  # every M on the fused kernels: what prefill cost before the dequantize path
         from effllm_kernels.spqr import launch
 
         launch.DEQUANT_MIN_M = 1 << 30
         launch._cached_config.cache_clear()
-        for attr in ("_cache", "_compiled_call"):
-            if hasattr(model, attr):
-                delattr(model, attr)
-        torch._dynamo.reset()
+        reset_compiled(model)
         run(model, label + ", prefill on the fused kernels", args, rows)
     text = head + "\n| model | generate | tokens/s (whole call) | decode step ms (median) | decode steps/s | " \
         f"first token ms (prompt {args.prompt}) | memory after load GiB | peak GiB |\n|---|---|---|---|---|---|---|---|\n" \

@@ -10,7 +10,7 @@ import torch
 
 from effllm_kernels.dispatch import interpreter_enabled
 from effllm_kernels.splitk import SCRATCH, output_buffer
-from effllm_kernels.spqr import kernel_unsupported_reason
+from effllm_kernels.spqr import cuda_gemv, kernel_unsupported_reason
 from effllm_kernels.spqr.layout import STAT_FP16, SpqrTensors
 from effllm_kernels.spqr.repack import SpqrKernelTensors, repack
 from effllm_kernels.spqr.scratch import x_scratch
@@ -41,14 +41,15 @@ class KernelConfig:
 
     ``host_perm`` (GEMV): gather x through the permutation once per call on the host side (one
     small extra launch) instead of in every program; the tensor-core kernel always does.
-    ``gemv16`` is the fp16x2 GEMV (:mod:`.triton_gemv16`; :func:`gemv16_unsupported_reason`), ``mma16``
+    ``cuda`` is the CUDA C++ GEMV (:mod:`.cuda_gemv`, NVRTC; :func:`cuda_unsupported_reason`),
+    ``gemv16`` the fp16x2 Triton GEMV (:mod:`.triton_gemv16`; :func:`gemv16_unsupported_reason`), ``mma16``
     the fp16 tensor-core kernel with the pair decode (:mod:`.triton_mma16`; :func:`mma16_unsupported_reason`),
     ``mma`` the older tensor-core kernel (bf16 dequantization, any format and activation dtype),
     ``dequant`` the dense W_s written once per call and one cuBLAS matmul (:mod:`.triton_dequant`; BN
     rows x C units per program of the dequantization kernel).
     """
 
-    path: str  # "gemv16", "gemv", "mma", "mma16" or "dequant"
+    path: str  # "cuda", "gemv16", "gemv", "mma", "mma16" or "dequant"
     block_m: int  # activation rows per program (1 for the GEMVs)
     block_n: int  # weight rows per program
     units: int  # C: 32-code units per step of the K loop (BK = 32 * C codes)
@@ -61,6 +62,7 @@ class KernelConfig:
     outliers_first: bool = False  # gemv16: the outliers before the K loop instead of after it
     unroll: int = 1  # gemv16: K-loop unroll factor
     host_cast: bool = False  # mma16: x scaled and rounded to fp16 once per call on the host side
+    cuda: cuda_gemv.CudaGemvConfig | None = None  # "cuda": the CUDA GEMV's launch (:mod:`.cuda_gemv`)
 
 
 #: The dequantize path's kernel tile (64 rows x 4 units per program, 4 warps; pick_config).
@@ -101,8 +103,12 @@ def with_split(cfg: KernelConfig, m: int, t: SpqrTensors | SpqrKernelTensors, de
 
 
 def pick_config(m: int, t: SpqrTensors | SpqrKernelTensors, device: torch.device,
-                dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
+                dtype: torch.dtype = torch.bfloat16, cuda: bool = True) -> KernelConfig:
     """Heuristic launch configuration for an [m, K] input.
+
+    Up to GEMV_MAX_M rows of bf16 activations on a CUDA device the CUDA C++ GEMV (:mod:`.cuda_gemv`,
+    its own launch heuristic) where its sweep beat the Triton GEMV (all but the small layers at M = 3);
+    ``cuda=False`` gives the Triton configuration it falls back to. The rest:
 
     From ``scripts/bench_spqr_matmul.py --sweep`` on the H200 (2026-11-29; 3-bit codes and
     statistics, 16/16 groups; 4096x4096, 14336x4096, 4096x14336). The fp16x2 GEMV (bf16 activations,
@@ -126,6 +132,9 @@ def pick_config(m: int, t: SpqrTensors | SpqrKernelTensors, device: torch.device
     """
     if m >= DEQUANT_MIN_M:
         return DEQUANT_CONFIG
+    c = cuda_gemv.heuristic(t, m, _sm_count(device)) if cuda and m <= GEMV_MAX_M else None
+    if c is not None and cuda_unsupported_reason(dtype, t, device) is None:
+        return KernelConfig("cuda", 1, cuda_gemv.ROWS, c.units, num_warps=c.warps, cuda=c)
     if m <= GEMV_MAX_M and gemv16_unsupported_reason(dtype, t) is None:
         if t.in_features >= LONG_K:  # 4096 x 14336: twice the programs, loads two steps ahead
             cfg = KernelConfig("gemv16", 1, 256, 2, num_warps=4, num_stages=1, prefetch=2, outliers_first=True)
@@ -139,6 +148,16 @@ def pick_config(m: int, t: SpqrTensors | SpqrKernelTensors, device: torch.device
         cfg = KernelConfig("mma16", bm, 128, 2, num_warps=4, num_stages=1, rows=4, prefetch=1, host_cast=True)
         return with_split(cfg, m, t, device)
     return with_split(KernelConfig("mma", bm, 128, 2, num_warps=4, num_stages=3), m, t, device)
+
+
+def cuda_unsupported_reason(dtype: torch.dtype, t: SpqrTensors | SpqrKernelTensors,
+                            device: torch.device) -> str | None:
+    """Why the CUDA GEMV (:mod:`.cuda_gemv`) cannot serve this layer, activation dtype and device, or None."""
+    if device.type != "cuda" or interpreter_enabled():
+        return f"device {device} (the CUDA GEMV runs on CUDA devices)"
+    if not cuda_gemv.usable():
+        return "its NVRTC build failed earlier in this process"
+    return cuda_gemv.unsupported_reason(dtype, t)
 
 
 #: Activation scale of the fp16x2 GEMV per activation dtype (a power of two: exact; bf16 values up to
@@ -173,10 +192,10 @@ def mma16_unsupported_reason(dtype: torch.dtype, t: SpqrTensors | SpqrKernelTens
 
 
 @functools.lru_cache(maxsize=4096)
-def _cached_config(m: int, meta: tuple, device: torch.device, dtype: torch.dtype) -> KernelConfig:
+def _cached_config(m: int, meta: tuple, device: torch.device, dtype: torch.dtype, cuda: bool = True) -> KernelConfig:
     """:func:`pick_config` memoised per (M, the layer's integer fields, device, dtype): it reads nothing
     else, and the host cost of an eager launch matters at batch 1."""
-    return pick_config(m, SimpleNamespace(**dict(meta)), device, dtype)  # type: ignore[arg-type]
+    return pick_config(m, SimpleNamespace(**dict(meta)), device, dtype, cuda)  # type: ignore[arg-type]
 
 
 def _gemv16_slots(t: SpqrTensors | SpqrKernelTensors, split: int) -> int:
@@ -224,7 +243,12 @@ def _split_k_need(meta_items: tuple, device: torch.device) -> tuple[int, int]:
 
     def split_at(m: int, dtype: torch.dtype) -> int:
         """The heuristic's split at M (recording what it needs when it splits)."""
-        _, split, n_blocks, m_blocks = _grid(pick_config(m, t, device, dtype), m, k, n)  # type: ignore[arg-type]
+        cfg = pick_config(m, t, device, dtype)  # type: ignore[arg-type]
+        if cfg.path == "cuda":  # and the Triton GEMV it falls back to
+            ws, cnt = cuda_gemv.scratch_need(t, m, cfg.cuda, _sm_count(device))
+            need[:] = max(need[0], ws), max(need[1], cnt)
+            cfg = pick_config(m, t, device, dtype, cuda=False)  # type: ignore[arg-type]
+        _, split, n_blocks, m_blocks = _grid(cfg, m, k, n)
         if split > 1:
             need[:] = max(need[0], split * m * n), max(need[1], n_blocks * m_blocks)
         return split
@@ -306,6 +330,19 @@ def spqr_matmul_triton(
     if m == 0 or n == 0:
         return y.reshape(*x.shape[:-1], n)
     cfg = config or _cached_config(m, tuple(t.meta().items()), x.device, x.dtype)
+    if cfg.path == "cuda":
+        reason = cuda_unsupported_reason(x.dtype, t, x.device)
+        if reason is None:
+            try:
+                cuda_gemv.launch(x2 if x2.stride(-1) == 1 else x2.contiguous(), t, bias, y, cfg.cuda,
+                                 _sm_count(x.device))
+                return y.reshape(*x.shape[:-1], n)
+            except cuda_gemv.CompileError:
+                if config is not None:
+                    raise
+        elif config is not None:
+            raise ValueError(f"spqr CUDA GEMV: unsupported {reason}")
+        cfg = _cached_config(m, tuple(t.meta().items()), x.device, x.dtype, False)  # the Triton GEMV
     if cfg.path == "dequant":
         dequant_matmul(x2, t, bias, y, cfg)
         return y.reshape(*x.shape[:-1], n)

@@ -19,7 +19,9 @@ to the padding of a ragged last unit, its size; each is an exact rearrangement o
   every output row, so its shift is uniform across a warp.
 - ``scale_stats`` / ``zero_stats``: fp16 [G, 2, n_blocks] (from [n_blocks, G, 2]): the (step,
   zero-point) planes of one group are contiguous over the second-level blocks of neighbouring rows.
-- the CSR outliers and the permutation are unchanged.
+- the CSR outliers and the permutation are unchanged; on CUDA the layer also gets a bucketed copy
+  of its outliers, ``outlier_buckets`` (:func:`effllm_kernels.spqr.cuda_gemv.outlier_buckets`: one
+  32-bit word per outlier plus row pointers per 128-row tile and 512 columns), which the CUDA GEMV reads.
 
 :func:`unpack` inverts :func:`repack` bit-exactly, so a module that holds the repacked tensors
 still saves the stored format.
@@ -59,6 +61,7 @@ class SpqrKernelTensors(LayerFields):
     outlier_col: torch.Tensor
     outlier_val: torch.Tensor
     perm: torch.Tensor | None = None
+    outlier_buckets: torch.Tensor | None = None  # int32: the outliers for the CUDA GEMV (CUDA only)
 
     @property
     def n_units(self) -> int:
@@ -68,6 +71,13 @@ class SpqrKernelTensors(LayerFields):
     def average_bits(self) -> float:
         """Bits per parameter of the stored format (``SpqrTensors.average_bits``; padding not counted)."""
         return unpack(self).average_bits()
+
+    def to(self, device: torch.device | str) -> SpqrKernelTensors:
+        """A copy on ``device``, the bucketed outliers with it."""
+        out = super().to(device)
+        if self.outlier_buckets is not None:
+            out.outlier_buckets = self.outlier_buckets.to(device)
+        return out
 
 
 #: Bit widths whose units are stored paired in the kernel layout (see the module docstring).
@@ -165,18 +175,29 @@ def unpack_field(name: str, value: torch.Tensor | None, meta: dict[str, int]) ->
     return value
 
 
+def buckets_for(t: SpqrTensors | SpqrKernelTensors) -> torch.Tensor | None:
+    """The bucketed outliers the CUDA GEMV reads, for a layer on CUDA with outliers (else None)."""
+    if not t.outlier_val.is_cuda or t.nnz == 0:
+        return None
+    from effllm_kernels.spqr.cuda_gemv import outlier_buckets
+
+    return outlier_buckets(t)
+
+
 def repack(t: SpqrTensors) -> SpqrKernelTensors:
     """The kernel layout of a stored layer (new tensors on t's device; ``t`` is left as it is)."""
     t.validate()
     meta = t.meta()
-    return SpqrKernelTensors(**meta, **{f: repack_field(f, getattr(t, f), meta) for f in t.TENSOR_FIELDS})
+    k = SpqrKernelTensors(**meta, **{f: repack_field(f, getattr(t, f), meta) for f in t.TENSOR_FIELDS})
+    k.outlier_buckets = buckets_for(t)
+    return k
 
 
 def unpack(k: SpqrKernelTensors) -> SpqrTensors:
     """The stored layer of a repacked one, bit-exact (inverse of :func:`repack`)."""
     meta = k.meta()
-    return SpqrTensors(**meta, **{f: unpack_field(f, getattr(k, f), meta) for f in k.TENSOR_FIELDS})
+    return SpqrTensors(**meta, **{f: unpack_field(f, getattr(k, f), meta) for f in SpqrTensors.TENSOR_FIELDS})
 
 
-__all__ = ["PAIRED_BITS", "STAT_FP16", "SpqrKernelTensors", "paired_position", "repack", "repack_field", "unpack",
-           "unpack_field"]
+__all__ = ["PAIRED_BITS", "STAT_FP16", "SpqrKernelTensors", "buckets_for", "paired_position", "repack",
+           "repack_field", "unpack", "unpack_field"]

@@ -460,7 +460,7 @@ def test_compiled_decode_step_without_eager_warmup_on_gpu(n: int, k: int, m: int
 def test_load_time_reservation_covers_every_batch_size(sms: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """launch.split_k_need (what scratch.reserve allocates when a layer is repacked) is at least the
     workspace and the counters of the heuristic's launch at every M and activation dtype."""
-    from effllm_kernels.spqr import launch
+    from effllm_kernels.spqr import cuda_gemv, launch
 
     monkeypatch.setattr(launch, "_sm_count", lambda device: sms)
     launch._cached_config.cache_clear()
@@ -476,6 +476,10 @@ def test_load_time_reservation_covers_every_batch_size(sms: int, monkeypatch: py
                 while m < 64 or last_split > 1:  # every M until the programs alone fill the GPU
                     m += 1
                     cfg = launch.pick_config(m, t, torch.device("cuda"), dtype)
+                    if cfg.path == "cuda":  # (with a GPU) the CUDA GEMV, then the Triton GEMV it falls back to
+                        cws, ccnt = cuda_gemv.scratch_need(t, m, cfg.cuda, sms)
+                        assert cws <= ws and ccnt <= tiles, (n, k, bits, m, dtype, cfg)
+                        cfg = launch.pick_config(m, t, torch.device("cuda"), dtype, cuda=False)
                     _, last_split, n_blocks, m_blocks = launch._grid(cfg, m, k, n)
                     if last_split > 1:
                         assert m * n * last_split <= ws and n_blocks * m_blocks <= tiles, (n, k, bits, m, dtype, cfg)
@@ -514,3 +518,137 @@ def test_module_repacks_in_place_and_still_saves_the_stored_format(monkeypatch: 
     fresh.qweight.zero_()
     fresh.load_state_dict(stored)
     assert not fresh.kernel_layout and torch.equal(fresh.dequantized(), mod.dequantized())
+
+
+# --- the CUDA GEMV (kernels/spqr/cuda_gemv.py): its bucketed outliers and tables on the CPU, the
+# kernel itself against the fp64 reference on a GPU
+
+@pytest.mark.parametrize("n,k,density,seed", [(300, 1100, 0.05, 3), (128, 512, 0.0, 4), (4, 2000, 0.3, 5),
+                                              (1000, 96, 0.02, 6)])
+def test_bucketed_outliers_are_the_csr_outliers_rearranged(n: int, k: int, density: float, seed: int) -> None:
+    """outlier_buckets holds every outlier once, in its (tile, bucket, row) slot, with its column and
+    value, row pointers monotone and complete (ragged tiles and buckets, empty rows, no outliers)."""
+    from effllm_kernels.spqr.cuda_gemv import BUCKET, ROWS, outlier_buckets
+
+    t = random_spqr_tensors(n, k, outlier_density=density, seed=seed)
+    buf = outlier_buckets(t)
+    tiles, buckets = -(-n // ROWS), -(-k // BUCKET)
+    nb = tiles * buckets * ROWS + 1
+    assert buf.dtype == torch.int32 and buf.numel() == nb + t.nnz
+    bptr, ent = buf[:nb].long(), buf[nb:].long() & 0xFFFFFFFF
+    assert bptr[0] == 0 and bptr[-1] == t.nnz and bool((bptr[1:] >= bptr[:-1]).all())
+    slot = torch.repeat_interleave(torch.arange(nb - 1), bptr[1:] - bptr[:-1])  # (tile, bucket, row) of each entry
+    rows = (slot // (buckets * ROWS)) * ROWS + slot % ROWS
+    cols = ((slot // ROWS) % buckets) * BUCKET + (ent & 0xFFFF)
+    vals = (ent >> 16).to(torch.int32).to(torch.int16).view(torch.float16)
+    got = torch.zeros(n, k, dtype=torch.float64).index_put_((rows, cols), vals.double(), accumulate=True)
+    from effllm_kernels.spqr.reference import outlier_matrix
+
+    assert torch.equal(got, outlier_matrix(t).double())
+    assert bool((rows < n).all()) and len(set((rows * k + cols).tolist())) == t.nnz
+
+
+def test_cuda_gemv_pair_tables_match_pair_layout() -> None:
+    """The C macros that place codes in the activation pairs (and find an outlier's pair) are pair_layout."""
+    from effllm_kernels.spqr.cuda_gemv import pair_macros
+    from effllm_kernels.spqr.pair_asm import pair_layout
+
+    for bits in (2, 3, 4):
+        for p, (a, b, _, _) in enumerate(pair_layout(bits)):
+            assert (pair_macros(bits, "PA", p), pair_macros(bits, "PB", p)) == (a, b)
+            for code, half in ((a, 0), (b, 1)):
+                assert (pair_macros(bits, "PAIR_OF", code), pair_macros(bits, "HALF_OF", code)) == (p, half)
+
+
+def test_cuda_gemv_serves_bf16_decode_on_cuda_only() -> None:
+    from effllm_kernels.spqr import cuda_gemv
+    from effllm_kernels.spqr.launch import cuda_unsupported_reason, pick_config
+
+    t = random_spqr_tensors(64, 256, seed=1, device="cpu")
+    assert pick_config(1, t, torch.device("cpu"), torch.bfloat16).path != "cuda"
+    assert "device cpu" in cuda_unsupported_reason(torch.bfloat16, t, torch.device("cpu"))
+    assert "float16" in cuda_gemv.unsupported_reason(torch.float16, t)
+    assert "5-bit" in cuda_gemv.unsupported_reason(torch.bfloat16, random_spqr_tensors(16, 128, 5, 16, seed=2))
+    assert "blocks of 8" in cuda_gemv.unsupported_reason(torch.bfloat16, random_spqr_tensors(16, 128, 3, 16, 3, 8))
+    assert "62 output" in cuda_gemv.unsupported_reason(torch.bfloat16, random_spqr_tensors(62, 128, seed=3))
+    assert "bucketed" in cuda_gemv.unsupported_reason(torch.bfloat16, repack(t))  # repacked on the CPU: no copy
+    assert repack(t).outlier_buckets is None
+
+
+# (m, n, k, bits, stat_bits, stat_group, permute, outlier density, bias, CUDA launch or None for the
+# heuristic): the 3/3/16/16 format at a real shape, ragged K (a padded unit, a partial bucket) and N not
+# a multiple of 128, 2-bit without permutation or outliers in blocks of 32 rows, 4-bit with fp16
+# statistics, 2- and 4-bit statistics, M = 2 and 3, a bias, one K split and many, other block shapes.
+def _cuda_cases() -> list:
+    from effllm_kernels.spqr.cuda_gemv import CudaGemvConfig
+
+    return [
+        (1, 4096, 4096, 3, 3, 16, True, 0.01, False, None),
+        (3, 1000, 1100, 3, 3, 16, True, 0.03, True, None),
+        (2, 256, 2048, 2, 3, 32, False, 0.0, False, None),
+        (1, 512, 3000, 4, 16, 16, True, 0.02, True, None),
+        (1, 4096, 14336, 3, 2, 16, True, 0.01, False, CudaGemvConfig(4, 2, 4, 4, 4.0, 2)),
+        (2, 14336, 4096, 3, 4, 16, True, 0.01, True, CudaGemvConfig(8, 1, 2, 8, 1.0, 8)),
+        (1, 1024, 4096, 4, 3, 16, True, 0.05, False, CudaGemvConfig(8, 2, 2, 1, 8.0, 8)),
+    ]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", range(7))
+def test_cuda_gemv_matches_reference_on_gpu(case: int) -> None:
+    from effllm_kernels.spqr.cuda_gemv import ROWS
+    from effllm_kernels.spqr.launch import KernelConfig
+
+    m, n, k, bits, sb, sg, permute, density, with_bias, c = _cuda_cases()[case]
+    t = random_spqr_tensors(n, k, bits, 16, sb, sg, outlier_density=density, permute=permute, seed=300 + case,
+                            device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(case)
+    x = torch.randn(m, k, generator=gen, device="cuda").bfloat16()
+    bias = torch.randn(n, generator=gen, device="cuda").bfloat16() if with_bias else None
+    kt = repack(t)
+    cfg = None if c is None else KernelConfig("cuda", 1, ROWS, c.units, num_warps=c.warps, cuda=c)
+    y = run_kernel(x, kt, bias, cfg)
+    assert_close_to_reference(y, x, t, bias)
+    assert torch.equal(run_kernel(x, kt, bias, cfg), y)  # split K in a fixed order: bit for bit again
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_gemv_is_the_bf16_decode_default_and_falls_back_on_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from effllm_kernels.spqr import cuda_gemv
+    from effllm_kernels.spqr.launch import pick_config
+
+    t = random_spqr_tensors(4096, 4096, seed=21, device="cuda")
+    kt = repack(t)
+    dev = torch.device("cuda")
+    assert [pick_config(m, kt, dev, torch.bfloat16).path for m in (1, 2, 3, 4)] == ["cuda", "cuda", "gemv16", "mma16"]
+    assert pick_config(1, kt, dev, torch.float16).path != "cuda"
+    calls = []
+    launch = cuda_gemv.launch
+    monkeypatch.setattr(cuda_gemv, "launch", lambda *a: calls.append(1) or launch(*a))
+    x = torch.randn(1, 4096, device="cuda").bfloat16()
+    assert_close_to_reference(run_kernel(x, kt), x, t)
+    assert calls == [1]  # the default ran the CUDA GEMV
+    triton = run_kernel(x, kt, None, pick_config(1, kt, dev, torch.bfloat16, cuda=False))
+    kt.outlier_buckets = None  # a layer without the bucketed copy: the Triton GEMV serves, same bits
+    assert torch.equal(run_kernel(x, kt), triton) and calls == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_module_on_gpu_carries_bucketed_outliers_and_saves_the_stored_format() -> None:
+    from effllm_tools.methods.spqr.format import SpQRLinear
+
+    t = random_spqr_tensors(1024, 4096, seed=22, device="cpu")
+    mod = SpQRLinear.from_tensors(t)
+    stored = {k: v.clone() for k, v in mod.state_dict().items()}
+    mod.cuda()
+    assert mod.kernel_layout and mod.outlier_buckets is not None and mod.outlier_buckets.is_cuda
+    assert mod.state_dict().keys() == stored.keys()
+    for key, v in mod.state_dict().items():
+        assert torch.equal(v.cpu(), stored[key]), key
+    x = torch.randn(1, 4096, device="cuda").bfloat16()
+    assert_close_to_reference(mod(x), x, t.to("cuda"))
+    mod.unpack_buffers()
+    assert mod.outlier_buckets is None

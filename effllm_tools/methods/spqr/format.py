@@ -9,9 +9,10 @@ only), and ``.bias`` if the layer had one. ``config.json`` carries
 "out_features", "bits", "group_size", "stat_bits", "stat_group", "nnz", "perm", "bias",
 "avg_bits"}``: everything needed to rebuild the module's buffers before the weights load.
 
-On CUDA the module swaps its code and statistics buffers, in place, for the layout the Triton
-kernels read (:func:`effllm_kernels.spqr.repack.repack`: the same bytes rearranged, no second
-copy) when it is moved there or first runs there; ``state_dict`` (and so ``save_pretrained``)
+On CUDA the module swaps its code and statistics buffers, in place, for the layout the kernels
+read (:func:`effllm_kernels.spqr.repack.repack`: the same bytes rearranged, no second copy) when
+it is moved there or first runs there, and adds a bucketed copy of its outliers for the CUDA GEMV
+(a non-persistent buffer, ~4 bytes per outlier); ``state_dict`` (and so ``save_pretrained``)
 unpacks them again, so a saved model is always in the stored format above, bit for bit.
 """
 
@@ -26,7 +27,7 @@ import effllm_kernels.spqr as spqr_kernels
 from effllm_kernels.packing import packed_words
 from effllm_kernels.spqr.layout import FORMAT_VERSION, STAT_FP16, SpqrTensors
 from effllm_kernels.spqr.reference import dequantize, spqr_linear_reference
-from effllm_kernels.spqr.repack import SpqrKernelTensors, repack_field, unpack_field
+from effllm_kernels.spqr.repack import SpqrKernelTensors, buckets_for, repack_field, unpack_field
 from effllm_kernels.spqr.scratch import reserve
 from effllm_tools.registry import register_format
 
@@ -112,9 +113,12 @@ class SpQRLinear(nn.Module):
         return SpqrTensors(**self._meta(), **fields)
 
     def layer(self) -> SpqrTensors | SpqrKernelTensors:
-        """The buffers as they are: :class:`SpqrKernelTensors` when repacked, else :class:`SpqrTensors`."""
-        cls = SpqrKernelTensors if self.kernel_layout else SpqrTensors
-        return cls(**self._meta(), **self._fields())
+        """The buffers as they are: :class:`SpqrKernelTensors` (with the bucketed outliers of the CUDA
+        GEMV, on CUDA) when repacked, else :class:`SpqrTensors`."""
+        if self.kernel_layout:
+            return SpqrKernelTensors(**self._meta(), **self._fields(),
+                                     outlier_buckets=self._buffers.get("outlier_buckets"))
+        return SpqrTensors(**self._meta(), **self._fields())
 
     def repack_for_kernels(self) -> None:
         """Swap the code and statistics buffers for the Triton kernels' layout, in place (no copy kept).
@@ -135,6 +139,9 @@ class SpQRLinear(nn.Module):
             if self._buffers.get(name) is not None:
                 self._buffers[name] = convert(name, self._buffers[name], self._meta())
         self.kernel_layout = kernel
+        # the CUDA GEMV's copy of the outliers: derived, never saved (not in the state dict)
+        buckets = buckets_for(SpqrTensors(**self._meta(), **self._fields())) if kernel else None
+        self.register_buffer("outlier_buckets", buckets, persistent=False)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         """The stored layout, whatever layout the buffers hold (so checkpoints never change format)."""
