@@ -15,7 +15,7 @@ each row's CSR outliers through ``perm`` (four dependent round trips). Here:
 - the outliers are read from a load-time *bucketed* copy (:func:`outlier_buckets`: per 128-row tile
   and 512 stored columns, row by row, one 32-bit word per outlier), so a block finds its rows' outliers
   with two loads and multiplies them by the activations already in shared memory: no gather through
-  ``perm`` and no separate pass;
+  ``perm`` and no separate pass (the copy: 4 bytes per outlier plus a row pointer per row and bucket);
 - warps add their partials in shared memory in warp order and K splits through the split-K workspace
   of :mod:`effllm_kernels.splitk` (the last block of a row tile adds them in split order): the result
   does not depend on timing.
@@ -60,6 +60,28 @@ class CudaGemvConfig:
     per_sm: float = 2.0
     out_batch: int = 8
 
+    def __post_init__(self) -> None:
+        if self.warps % 4 or not 4 <= self.warps <= 32:
+            raise ValueError(f"CudaGemvConfig: warps={self.warps} (a multiple of 4 up to 32: 128 rows per block)")
+        if min(self.units, self.min_blocks, self.max_steps, self.out_batch) < 1 or self.per_sm <= 0:
+            raise ValueError(f"CudaGemvConfig: {self} (units, min_blocks, max_steps, out_batch >= 1, per_sm > 0)")
+        if _bucket_align(self) > self.max_steps:
+            raise ValueError(f"CudaGemvConfig: {self.warps * self.units} units per step need "
+                             f"{_bucket_align(self)} steps per block (whole outlier buckets), max_steps={self.max_steps}")
+
+
+def _bucket_align(cfg: CudaGemvConfig) -> int:
+    """K steps per block that make it whole outlier buckets (BUCKET / 32 units)."""
+    return (BUCKET // 32) // math.gcd(BUCKET // 32, cfg.warps * cfg.units)
+
+
+def shared_bytes(cfg: CudaGemvConfig, stat_bits: int, stat_group: int) -> int:
+    """Static shared memory of a variant (the kernel's arrays; must stay under 48 KB)."""
+    bum = cfg.warps * cfg.units * cfg.max_steps
+    nbt = 128 // stat_group if 128 % stat_group == 0 else -(-128 // stat_group) + 1
+    st2 = 0 if stat_bits == STAT_FP16 else 2 * bum * nbt * 16
+    return bum * 64 + bum * 8 + (cfg.warps + cfg.warps // 4) * 512 + st2 + 4
+
 
 def unsupported_reason(dtype: torch.dtype, t) -> str | None:
     """Why the CUDA GEMV cannot serve this layer and activation dtype, or None."""
@@ -88,12 +110,14 @@ def outlier_buckets(t) -> torch.Tensor:
     dev = t.outlier_val.device
     tiles, buckets = -(-n // ROWS), -(-k // BUCKET)
     counts = (t.outlier_rowptr[1:] - t.outlier_rowptr[:-1]).long()
-    rows = torch.repeat_interleave(torch.arange(n, device=dev), counts)
+    # no host sync (output_size, index_add_): the layout can be built inside a captured stream
+    rows = torch.repeat_interleave(torch.arange(n, device=dev), counts, output_size=t.nnz)
     cols = t.outlier_col.long() & 0xFFFF
     slot = ((rows // ROWS) * buckets + cols // BUCKET) * ROWS + rows % ROWS  # the bucket row of each entry
     order = torch.argsort(slot * BUCKET + cols % BUCKET)
     bptr = torch.zeros(tiles * buckets * ROWS + 1, dtype=torch.int64, device=dev)
-    bptr[1:] = torch.bincount(slot, minlength=tiles * buckets * ROWS).cumsum(0)
+    bptr.index_add_(0, slot + 1, torch.ones_like(slot))
+    bptr = bptr.cumsum(0)
     word = (cols[order] % BUCKET) | ((t.outlier_val.view(torch.int16).long()[order] & 0xFFFF) << 16)
     return torch.cat([bptr, torch.where(word >= 2**31, word - 2**32, word)]).to(torch.int32)
 
@@ -125,15 +149,22 @@ def _c_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
+#: The kernel's BIAS macro per bias dtype (0: no bias).
+BIAS_CODES = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
+
+
 def source(bits: int, stat_bits: int, stat_group: int, cfg: CudaGemvConfig, has_perm: bool, has_out: bool,
-           has_bias: bool) -> str:
-    """The CUDA source of one variant (the macros, then the kernel)."""
+           bias: int) -> str:
+    """The CUDA source of one variant (the macros, then the kernel); ValueError if it would not fit."""
+    if shared_bytes(cfg, stat_bits, stat_group) > 48 * 1024:
+        raise ValueError(f"CudaGemvConfig {cfg}: {shared_bytes(cfg, stat_bits, stat_group)} bytes of shared "
+                         f"memory for {stat_bits}-bit statistics in blocks of {stat_group} rows (48 KB at most)")
     asm, _ = dot_asm(bits)
     pw = pairs_per_half(bits)
     defs = {
         "BITS": bits, "SB": stat_bits, "SG": stat_group, "WARPS": cfg.warps, "U": cfg.units,
         "MINB": cfg.min_blocks, "MAXS": cfg.max_steps, "OB": cfg.out_batch, "BUCKET": BUCKET,
-        "HAS_PERM": int(has_perm), "HAS_OUT": int(has_out), "HAS_BIAS": int(has_bias),
+        "HAS_PERM": int(has_perm), "HAS_OUT": int(has_out), "BIAS": bias,
         "XSC": f"{XS!r}f", "DOT_ASM": _c_string(asm.replace("$", "%")), "PW": pw,
     }
     head = "".join(f"#define {k} {v}\n" for k, v in defs.items())
@@ -186,9 +217,17 @@ __device__ __forceinline__ void dot(u32 w0, u32 w1, u32 w2, u32 w3, const u32* x
 #define H (THREADS / 128)  // threads per row in the outlier pass
 #define NCHM (BUM * 32 / BUCKET)  // outlier buckets of a block at most
 
+// The bias of row n as fp32 (BIAS: 0 none, 1 bf16, 2 fp16, 3 fp32)
+__device__ __forceinline__ float bias_at(const void* bias, int n) {
+    if (BIAS == 1) return bf16_f(((const u16*)bias)[n]);
+    if (BIAS == 2) return h_f(((const u16*)bias)[n]);
+    if (BIAS == 3) return ((const float*)bias)[n];
+    return 0.f;
+}
+
 // Split-K: after this block's partial is in ws, the last block of the tile to arrive adds all
 // partials in split order and writes y (+ bias) in bf16.
-__device__ __forceinline__ void finish(const u16* bias, u16* y, float* ws, int* cnt, int M, int N, int parts,
+__device__ __forceinline__ void finish(const void* bias, u16* y, float* ws, int* cnt, int M, int N, int parts,
                                        int tile, int m, int* last) {
     const int tid = threadIdx.x;
     __syncthreads();  // every partial of the block is written ...
@@ -204,9 +243,7 @@ __device__ __forceinline__ void finish(const u16* bias, u16* y, float* ws, int* 
         if (n >= N) continue;
         float v = 0.f;
         for (int k = 0; k < parts; ++k) v += ld_cg(ws + ((size_t)k * M + m) * N + n);
-#if HAS_BIAS
-        v += bf16_f(bias[n]);
-#endif
+        v += bias_at(bias, n);
         y[(size_t)m * N + n] = f_bf16(v);
     }
     if (tid == 0) cnt[blockIdx.z * gridDim.x + tile] = 0;
@@ -262,7 +299,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MINB)
 spqr_gemv_cuda(const u16* __restrict__ x, const int* __restrict__ perm, const u32* __restrict__ qw,
                const u32* __restrict__ sq, const u32* __restrict__ zq, const u16* __restrict__ sst,
                const u16* __restrict__ zst, const int* __restrict__ bptr, const u32* __restrict__ ent,
-               const u16* __restrict__ bias, u16* __restrict__ y, float* __restrict__ ws, int* __restrict__ cnt,
+               const void* __restrict__ bias, u16* __restrict__ y, float* __restrict__ ws, int* __restrict__ cnt,
                int M, int N, int K, int stride_xm, int G, int NBLK, int n_units, int NSW, int KS, int S, int NBK)
 {
     __shared__ __align__(16) u32 xs[BUM][16];  // the block's activations: fp16 pairs in pair order
@@ -283,7 +320,7 @@ spqr_gemv_cuda(const u16* __restrict__ x, const int* __restrict__ perm, const u3
     Step a;
     load_step(a, ub + warp * U, qw, sq, zq, N, lrow, n_units, NSW, G);
 #if HAS_OUT
-    const int orow = tid & 127, oh = tid >> 7, cb0 = ub * 32 / BUCKET, nch = min(NCHM, NBK - cb0);
+    const int orow = tid & 127, oh = tid >> 7, cb0 = ub * 32 / BUCKET, nch = min(BU * S * 32 / BUCKET, NBK - cb0);
     int os[NCHM], oe[NCHM];
 #pragma unroll
     for (int c = 0; c < NCHM; ++c) {
@@ -441,9 +478,7 @@ spqr_gemv_cuda(const u16* __restrict__ x, const int* __restrict__ perm, const u3
         for (int w = 0; w < WARPS + (HAS_OUT ? H : 0); ++w) v += red[w][rr];
         v *= 1.0f / XSC;
         if (KS == 1) {
-#if HAS_BIAS
-            v += bf16_f(bias[n]);
-#endif
+            v += bias_at(bias, n);
             y[(size_t)m * N + n] = f_bf16(v);
         } else {
             ws[((size_t)kb * M + m) * N + n] = v;
@@ -460,10 +495,10 @@ class CompileError(RuntimeError):
 
 @functools.lru_cache(maxsize=64)
 def _kernel(bits: int, stat_bits: int, stat_group: int, cfg: CudaGemvConfig, has_perm: bool, has_out: bool,
-            has_bias: bool, device_index: int):
+            bias: int, device_index: int):
     try:
         with torch.cuda.device(device_index):
-            return torch.cuda._compile_kernel(source(bits, stat_bits, stat_group, cfg, has_perm, has_out, has_bias),
+            return torch.cuda._compile_kernel(source(bits, stat_bits, stat_group, cfg, has_perm, has_out, bias),
                                               "spqr_gemv_cuda")
     except Exception as exc:  # noqa: BLE001 - any NVRTC / driver failure: report once, use Triton
         raise CompileError(f"spqr CUDA GEMV: NVRTC build failed ({str(exc).splitlines()[0][:200]})") from exc
@@ -487,14 +522,14 @@ def grid(t, cfg: CudaGemvConfig, sms: int, m: int = 1) -> tuple[int, int]:
     tiles = -(-t.out_features // ROWS)
     split = max(1, min(steps, round(cfg.per_sm * sms / (tiles * m))))
     per = min(cfg.max_steps, -(-steps // split))
-    align = (BUCKET // 32) // math.gcd(BUCKET // 32, cfg.warps * cfg.units)  # steps per bucket boundary
+    align = _bucket_align(cfg)
     per = max(align, per // align * align)
     return -(-steps // per), per
 
 
 def heuristic(t, m: int, sms: int) -> CudaGemvConfig | None:
-    """The launch for batch ``m`` (H200 sweep, 2026-11-29 15:2x UTC, BENCHMARKS.md "The CUDA GEMV"), or None
-    where the Triton GEMV was faster. 8 warps x 2 units per step; a layer whose one-step blocks fit about
+    """The launch for batch ``m`` (H200 sweep, 2026-11-29 14:53 UTC, BENCHMARKS.md "The CUDA GEMV for
+    decode"), or None where the Triton GEMV was faster (ahead or level elsewhere). 8 warps x 2 units per step; a layer whose one-step blocks fit about
     4 per SM (4096x4096, 1024x4096 at M = 1) runs one step per block (most blocks, least latency), a
     larger one up to 8 steps per block at ~2 blocks per SM. At M = 3 the small layers stay on Triton."""
     steps = -(-t.in_features // 512)  # K steps of 16 units
@@ -521,13 +556,15 @@ def launch(x2: torch.Tensor, t, bias: torch.Tensor | None, y: torch.Tensor, cfg:
     m, k = x2.shape
     n = t.out_features
     fp16_stats = t.stat_bits == STAT_FP16
+    if bias is not None and (bias.dtype not in BIAS_CODES or bias.stride(-1) != 1):
+        bias = bias.float().contiguous()
     split, steps = grid(t, cfg, sms, m)
     # shared memory and the prologue's loops are sized for max_steps: build for the steps this call takes
     cfg = replace(cfg, max_steps=min(cfg.max_steps, 1 << (steps - 1).bit_length()))
     tiles = -(-n // ROWS)
     try:
         kern = _kernel(t.bits, t.stat_bits, 16 if fp16_stats else t.stat_group, cfg, t.perm is not None,
-                       t.nnz > 0, bias is not None, x2.device.index or 0)
+                       t.nnz > 0, 0 if bias is None else BIAS_CODES[bias.dtype], x2.device.index or 0)
     except CompileError as exc:
         if usable():
             log.warning("%s; the Triton GEMV serves instead", exc)
@@ -545,8 +582,10 @@ def launch(x2: torch.Tensor, t, bias: torch.Tensor | None, y: torch.Tensor, cfg:
             bias if bias is not None else y, y, ws, cnt,
             m, n, k, x2.stride(0), t.n_groups, t.n_blocks, -(-k // 32), t.scale_q.shape[0], split, steps,
             -(-k // BUCKET)]
-    kern(grid=(tiles, split, m), block=(32 * cfg.warps, 1, 1), args=args)
+    with torch.cuda.device(x2.device):  # the module was loaded in this device's context
+        kern(grid=(tiles, split, m), block=(32 * cfg.warps, 1, 1), args=args,
+             stream=torch.cuda.current_stream(x2.device))
 
 
-__all__ = ["BUCKET", "CompileError", "CudaGemvConfig", "grid", "heuristic", "launch", "outlier_buckets", "pair_macros",
-           "pairs_per_half", "scratch_need", "source", "unsupported_reason", "usable"]
+__all__ = ["BIAS_CODES", "BUCKET", "CompileError", "CudaGemvConfig", "grid", "heuristic", "launch", "outlier_buckets",
+           "pair_macros", "pairs_per_half", "scratch_need", "shared_bytes", "source", "unsupported_reason", "usable"]

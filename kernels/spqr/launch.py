@@ -317,7 +317,7 @@ def spqr_matmul_triton(
     (contiguous, x's dtype, [..., N] elements) receives the result instead of a new tensor.
     """
     if isinstance(t, SpqrTensors):
-        t = repack(t)
+        t = repack(t, buckets=False)
     k, n = t.in_features, t.out_features
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, the spqr weight expects {k}")

@@ -73,10 +73,10 @@ class SpqrKernelTensors(LayerFields):
         return unpack(self).average_bits()
 
     def to(self, device: torch.device | str) -> SpqrKernelTensors:
-        """A copy on ``device``, the bucketed outliers with it."""
+        """A copy on ``device``, the bucketed outliers with it (built there if it is CUDA and they are missing)."""
         out = super().to(device)
-        if self.outlier_buckets is not None:
-            out.outlier_buckets = self.outlier_buckets.to(device)
+        out.outlier_buckets = (self.outlier_buckets.to(device) if self.outlier_buckets is not None
+                               else buckets_for(out))
         return out
 
 
@@ -184,12 +184,14 @@ def buckets_for(t: SpqrTensors | SpqrKernelTensors) -> torch.Tensor | None:
     return outlier_buckets(t)
 
 
-def repack(t: SpqrTensors) -> SpqrKernelTensors:
-    """The kernel layout of a stored layer (new tensors on t's device; ``t`` is left as it is)."""
+def repack(t: SpqrTensors, buckets: bool = True) -> SpqrKernelTensors:
+    """The kernel layout of a stored layer (new tensors on t's device; ``t`` is left as it is), with the
+    CUDA GEMV's bucketed outliers on CUDA unless ``buckets`` is False (a per-call repack: the Triton GEMV
+    then serves, and the call stays plain copies)."""
     t.validate()
     meta = t.meta()
     k = SpqrKernelTensors(**meta, **{f: repack_field(f, getattr(t, f), meta) for f in t.TENSOR_FIELDS})
-    k.outlier_buckets = buckets_for(t)
+    k.outlier_buckets = buckets_for(t) if buckets else None
     return k
 
 

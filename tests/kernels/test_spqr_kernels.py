@@ -457,12 +457,17 @@ def test_compiled_decode_step_without_eager_warmup_on_gpu(n: int, k: int, m: int
 
 
 @pytest.mark.parametrize("sms", [4, 132])
-def test_load_time_reservation_covers_every_batch_size(sms: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("cuda", [False, True])
+def test_load_time_reservation_covers_every_batch_size(sms: int, cuda: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """launch.split_k_need (what scratch.reserve allocates when a layer is repacked) is at least the
-    workspace and the counters of the heuristic's launch at every M and activation dtype."""
+    workspace and the counters of the heuristic's launch at every M and activation dtype (with the CUDA
+    GEMV available, as on a GPU without the interpreter, or not)."""
     from effllm_kernels.spqr import cuda_gemv, launch
 
     monkeypatch.setattr(launch, "_sm_count", lambda device: sms)
+    if cuda:
+        monkeypatch.setattr(launch, "cuda_unsupported_reason",
+                            lambda dtype, t, device: cuda_gemv.unsupported_reason(dtype, t))
     launch._cached_config.cache_clear()
     launch._split_k_need.cache_clear()
     try:
@@ -575,21 +580,44 @@ def test_cuda_gemv_serves_bf16_decode_on_cuda_only() -> None:
     assert repack(t).outlier_buckets is None
 
 
-# (m, n, k, bits, stat_bits, stat_group, permute, outlier density, bias, CUDA launch or None for the
-# heuristic): the 3/3/16/16 format at a real shape, ragged K (a padded unit, a partial bucket) and N not
-# a multiple of 128, 2-bit without permutation or outliers in blocks of 32 rows, 4-bit with fp16
-# statistics, 2- and 4-bit statistics, M = 2 and 3, a bias, one K split and many, other block shapes.
+def test_cuda_gemv_configs_are_checked_and_the_heuristics_fit_shared_memory() -> None:
+    from effllm_kernels.spqr import cuda_gemv
+
+    with pytest.raises(ValueError, match="warps=2"):
+        cuda_gemv.CudaGemvConfig(warps=2)
+    with pytest.raises(ValueError, match="whole outlier buckets"):
+        cuda_gemv.CudaGemvConfig(warps=4, units=2, max_steps=1)
+    with pytest.raises(ValueError, match="48 KB"):
+        cuda_gemv.source(3, 3, 16, cuda_gemv.CudaGemvConfig(units=4), True, True, 0)
+    for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096), (40, 200), (8192, 28672)):
+        layer = SimpleNamespace(in_features=k, out_features=n)
+        for m in (1, 2, 3):
+            cfg = cuda_gemv.heuristic(layer, m, 132)
+            if cfg is None:
+                continue
+            split, steps = cuda_gemv.grid(layer, cfg, 132, m)
+            assert steps <= cfg.max_steps and split * steps * cfg.warps * cfg.units * 32 >= k
+            for sb, sg in ((3, 16), (2, 32), (4, 128), (16, 16)):
+                assert cuda_gemv.shared_bytes(cfg, sb, sg) <= 48 * 1024
+                assert "#define BITS 3" in cuda_gemv.source(3, sb, sg, cfg, True, True, 3)
+
+
+# (m, n, k, bits, stat_bits, stat_group, permute, outlier density, bias dtype or None, CUDA launch or None
+# for the heuristic): the 3/3/16/16 format at a real shape, ragged K (a padded unit, a partial bucket) and
+# N not a multiple of 128, 2-bit without permutation or outliers in blocks of 32 rows, 4-bit with fp16
+# statistics, 2- and 4-bit statistics, M = 2 and 3, bf16 / fp16 / fp32 biases, one K split and many,
+# other block shapes.
 def _cuda_cases() -> list:
     from effllm_kernels.spqr.cuda_gemv import CudaGemvConfig
 
     return [
-        (1, 4096, 4096, 3, 3, 16, True, 0.01, False, None),
-        (3, 1000, 1100, 3, 3, 16, True, 0.03, True, None),
-        (2, 256, 2048, 2, 3, 32, False, 0.0, False, None),
-        (1, 512, 3000, 4, 16, 16, True, 0.02, True, None),
-        (1, 4096, 14336, 3, 2, 16, True, 0.01, False, CudaGemvConfig(4, 2, 4, 4, 4.0, 2)),
-        (2, 14336, 4096, 3, 4, 16, True, 0.01, True, CudaGemvConfig(8, 1, 2, 8, 1.0, 8)),
-        (1, 1024, 4096, 4, 3, 16, True, 0.05, False, CudaGemvConfig(8, 2, 2, 1, 8.0, 8)),
+        (1, 4096, 4096, 3, 3, 16, True, 0.01, None, None),
+        (3, 1000, 1100, 3, 3, 16, True, 0.03, torch.bfloat16, None),
+        (2, 256, 2048, 2, 3, 32, False, 0.0, None, None),
+        (1, 512, 3000, 4, 16, 16, True, 0.02, torch.float32, None),  # SpQRLinear's bias is fp32
+        (1, 4096, 14336, 3, 2, 16, True, 0.01, None, CudaGemvConfig(4, 2, 4, 4, 4.0, 2)),
+        (2, 14336, 4096, 3, 4, 16, True, 0.01, torch.float16, CudaGemvConfig(8, 1, 2, 8, 1.0, 8)),
+        (1, 1024, 4096, 4, 3, 16, True, 0.05, None, CudaGemvConfig(8, 2, 2, 1, 8.0, 8)),
     ]
 
 
@@ -600,12 +628,12 @@ def test_cuda_gemv_matches_reference_on_gpu(case: int) -> None:
     from effllm_kernels.spqr.cuda_gemv import ROWS
     from effllm_kernels.spqr.launch import KernelConfig
 
-    m, n, k, bits, sb, sg, permute, density, with_bias, c = _cuda_cases()[case]
+    m, n, k, bits, sb, sg, permute, density, bias_dtype, c = _cuda_cases()[case]
     t = random_spqr_tensors(n, k, bits, 16, sb, sg, outlier_density=density, permute=permute, seed=300 + case,
                             device="cuda")
     gen = torch.Generator(device="cuda").manual_seed(case)
     x = torch.randn(m, k, generator=gen, device="cuda").bfloat16()
-    bias = torch.randn(n, generator=gen, device="cuda").bfloat16() if with_bias else None
+    bias = torch.randn(n, generator=gen, device="cuda").to(bias_dtype) if bias_dtype else None
     kt = repack(t)
     cfg = None if c is None else KernelConfig("cuda", 1, ROWS, c.units, num_warps=c.warps, cuda=c)
     y = run_kernel(x, kt, bias, cfg)
@@ -652,3 +680,9 @@ def test_module_on_gpu_carries_bucketed_outliers_and_saves_the_stored_format() -
     assert_close_to_reference(mod(x), x, t.to("cuda"))
     mod.unpack_buffers()
     assert mod.outlier_buckets is None
+    cpu = SpQRLinear.from_tensors(t)
+    cpu.repack_for_kernels()  # repacked on the CPU: no bucketed copy there ...
+    assert cpu.outlier_buckets is None
+    cpu.cuda()  # ... built when it moves to the GPU
+    assert cpu.outlier_buckets is not None and torch.equal(cpu.outlier_buckets, mod.cuda().outlier_buckets)
+    assert repack(t.to("cuda"), buckets=False).to("cuda").outlier_buckets is not None

@@ -187,6 +187,9 @@ class SpQRLinear(nn.Module):
             self.repack_for_kernels()
         elif self.qweight.is_cuda:  # already repacked, moved to another GPU: its scratch, reserved there now
             reserve(self.qweight.device, self._meta())
+            if self._buffers.get("outlier_buckets") is None:  # repacked on the CPU: the CUDA GEMV's copy, now
+                self.register_buffer("outlier_buckets", buckets_for(SpqrTensors(**self._meta(), **self._fields())),
+                                     persistent=False)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
