@@ -582,9 +582,8 @@ def launch(x2: torch.Tensor, t, bias: torch.Tensor | None, y: torch.Tensor, cfg:
             bias if bias is not None else y, y, ws, cnt,
             m, n, k, x2.stride(0), t.n_groups, t.n_blocks, -(-k // 32), t.scale_q.shape[0], split, steps,
             -(-k // BUCKET)]
-    with torch.cuda.device(x2.device):  # the module was loaded in this device's context
-        kern(grid=(tiles, split, m), block=(32 * cfg.warps, 1, 1), args=args,
-             stream=torch.cuda.current_stream(x2.device))
+    with torch.cuda.device(x2.device):  # the module's context; the launch takes this device's current stream
+        kern(grid=(tiles, split, m), block=(32 * cfg.warps, 1, 1), args=args)
 
 
 __all__ = ["BIAS_CODES", "BUCKET", "CompileError", "CudaGemvConfig", "grid", "heuristic", "launch", "outlier_buckets",
