@@ -602,6 +602,36 @@ def test_cuda_gemv_configs_are_checked_and_the_heuristics_fit_shared_memory() ->
                 assert "#define BITS 3" in cuda_gemv.source(3, sb, sg, cfg, True, True, 3)
 
 
+def test_cuda_gemv_blocks_cover_every_unit_and_outlier_bucket_once() -> None:
+    """The kernel's block arithmetic, in Python (CI has no GPU): with the launch of grid() (the heuristic's
+    or other valid configs, M = 1-3), the K splits cover every unit once, none is empty, each starts on an
+    outlier-bucket boundary and reads the buckets of its own units only, and the steps fit the build."""
+    from effllm_kernels.spqr import cuda_gemv
+
+    configs = [cuda_gemv.CudaGemvConfig(), cuda_gemv.CudaGemvConfig(max_steps=1, per_sm=4.0),
+               cuda_gemv.CudaGemvConfig(4, 2, 4, 4, 4.0), cuda_gemv.CudaGemvConfig(8, 1, 2, 8, 1.0)]
+    per_bucket = cuda_gemv.BUCKET // 32
+    for k in (32, 100, 511, 512, 513, 4096, 5000, 14336, 28672, 65536):
+        n_units, n_buckets = -(-k // 32), -(-k // cuda_gemv.BUCKET)
+        for n in (4, 1000, 4096, 14336):
+            layer = SimpleNamespace(in_features=k, out_features=n)
+            for m in (1, 2, 3):
+                for cfg in configs + [c for c in [cuda_gemv.heuristic(layer, m, 132)] if c]:
+                    split, steps = cuda_gemv.grid(layer, cfg, 132, m)
+                    built = min(cfg.max_steps, 1 << (steps - 1).bit_length())  # what launch() compiles
+                    assert steps <= built
+                    bu = cfg.warps * cfg.units
+                    units, buckets = [], []
+                    for kb in range(split):
+                        ub = kb * bu * steps
+                        nb = min(bu * steps, n_units - ub)
+                        assert nb > 0 and ub % per_bucket == 0, (k, n, m, cfg, kb)
+                        units += range(ub, ub + nb)
+                        cb0 = ub // per_bucket
+                        buckets += range(cb0, cb0 + min(bu * steps // per_bucket, n_buckets - cb0))
+                    assert units == list(range(n_units)) and buckets == list(range(n_buckets)), (k, n, m, cfg)
+
+
 # (m, n, k, bits, stat_bits, stat_group, permute, outlier density, bias dtype or None, CUDA launch or None
 # for the heuristic): the 3/3/16/16 format at a real shape, ragged K (a padded unit, a partial bucket) and
 # N not a multiple of 128, 2-bit without permutation or outliers in blocks of 32 rows, 4-bit with fp16
