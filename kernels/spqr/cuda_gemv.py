@@ -38,13 +38,12 @@ from dataclasses import dataclass, replace
 import torch
 
 from effllm_kernels.spqr.layout import STAT_FP16
-from effllm_kernels.spqr.pair_asm import dot_asm
+from effllm_kernels.spqr.pair_asm import BF16_SCALE, dot_asm
 
 log = logging.getLogger(__name__)
 
 ROWS = 128  # output rows per block (32 lanes x 4 rows)
 BUCKET = 512  # stored columns per outlier bucket (16 units): a block's K range is whole buckets
-XS = 2.0**-8  # bf16 activations -> fp16: a power of two, exact (as launch.GEMV16_XS)
 
 
 @dataclass(frozen=True)
@@ -165,7 +164,7 @@ def source(bits: int, stat_bits: int, stat_group: int, cfg: CudaGemvConfig, has_
         "BITS": bits, "SB": stat_bits, "SG": stat_group, "WARPS": cfg.warps, "U": cfg.units,
         "MINB": cfg.min_blocks, "MAXS": cfg.max_steps, "OB": cfg.out_batch, "BUCKET": BUCKET,
         "HAS_PERM": int(has_perm), "HAS_OUT": int(has_out), "BIAS": bias,
-        "XSC": f"{XS!r}f", "DOT_ASM": _c_string(asm.replace("$", "%")), "PW": pw,
+        "XSC": f"{BF16_SCALE!r}f", "DOT_ASM": _c_string(asm.replace("$", "%")), "PW": pw,
     }
     head = "".join(f"#define {k} {v}\n" for k, v in defs.items())
     head += "".join(f"#define {name}({arg}) ({expr})\n" for name, (arg, expr) in _PAIR_MACROS.items())
@@ -529,16 +528,18 @@ def grid(t, cfg: CudaGemvConfig, sms: int, m: int = 1) -> tuple[int, int]:
 
 def heuristic(t, m: int, sms: int) -> CudaGemvConfig | None:
     """The launch for batch ``m`` (H200 sweep, 2026-11-29 14:53 UTC, BENCHMARKS.md "The CUDA GEMV for
-    decode"), or None where the Triton GEMV was faster (ahead or level elsewhere). 8 warps x 2 units per step; a layer whose one-step blocks fit about
-    4 per SM (4096x4096, 1024x4096 at M = 1) runs one step per block (most blocks, least latency), a
-    larger one up to 8 steps per block at ~2 blocks per SM. At M = 3 the small layers stay on Triton."""
-    steps = -(-t.in_features // 512)  # K steps of 16 units
-    small = -(-t.out_features // ROWS) * steps <= 4 * sms
-    if small and m >= 3:
-        return None
-    if small and -(-t.out_features // ROWS) * steps * m <= 4 * sms:
-        return CudaGemvConfig(max_steps=1, per_sm=4.0)
-    return CudaGemvConfig()
+    decode"), or None where the Triton GEMV was faster (elsewhere this one was ahead or level). 8 warps x
+    2 units per step; a layer whose one-step blocks fit about 4 per SM (4096x4096, 1024x4096 at M = 1)
+    runs one step per block (most blocks, least latency), a larger one up to 8 steps per block at ~2
+    blocks per SM. At M = 3 the small layers stay on Triton."""
+    cfg = CudaGemvConfig()
+    one_step_blocks = -(-t.out_features // ROWS) * -(-t.in_features // (32 * cfg.warps * cfg.units))
+    if one_step_blocks <= 4 * sms:
+        if m >= 3:
+            return None
+        if one_step_blocks * m <= 4 * sms:
+            return replace(cfg, max_steps=1, per_sm=4.0)
+    return cfg
 
 
 def scratch_need(t, m: int, cfg: CudaGemvConfig, sms: int) -> tuple[int, int]:

@@ -12,6 +12,7 @@ from effllm_kernels.dispatch import interpreter_enabled
 from effllm_kernels.splitk import SCRATCH, output_buffer
 from effllm_kernels.spqr import cuda_gemv, kernel_unsupported_reason
 from effllm_kernels.spqr.layout import STAT_FP16, SpqrTensors
+from effllm_kernels.spqr.pair_asm import BF16_SCALE
 from effllm_kernels.spqr.repack import SpqrKernelTensors, repack
 from effllm_kernels.spqr.scratch import x_scratch
 
@@ -107,7 +108,8 @@ def pick_config(m: int, t: SpqrTensors | SpqrKernelTensors, device: torch.device
     """Heuristic launch configuration for an [m, K] input.
 
     Up to GEMV_MAX_M rows of bf16 activations on a CUDA device the CUDA C++ GEMV (:mod:`.cuda_gemv`,
-    its own launch heuristic) where its sweep beat the Triton GEMV (all but the small layers at M = 3);
+    its own launch heuristic) where its sweep had it ahead of the Triton GEMV or level (all but the
+    small layers at M = 3);
     ``cuda=False`` gives the Triton configuration it falls back to. The rest:
 
     From ``scripts/bench_spqr_matmul.py --sweep`` on the H200 (2026-11-29; 3-bit codes and
@@ -160,9 +162,9 @@ def cuda_unsupported_reason(dtype: torch.dtype, t: SpqrTensors | SpqrKernelTenso
     return cuda_gemv.unsupported_reason(dtype, t)
 
 
-#: Activation scale of the fp16x2 GEMV per activation dtype (a power of two: exact; bf16 values up to
-#: ~2e5 keep the fp16 group sums finite; the rescale by 1 / XS happens once per row in fp32).
-GEMV16_XS = {torch.bfloat16: 2.0**-8}
+#: Activation scale of the fp16x2 GEMV per activation dtype (pair_asm.BF16_SCALE; the rescale by 1 / XS
+#: happens once per row in fp32).
+GEMV16_XS = {torch.bfloat16: BF16_SCALE}
 
 
 def gemv16_unsupported_reason(dtype: torch.dtype, t: SpqrTensors | SpqrKernelTensors,
@@ -178,7 +180,7 @@ def gemv16_unsupported_reason(dtype: torch.dtype, t: SpqrTensors | SpqrKernelTen
 
 
 #: Activation scale of the fp16 tensor-core kernel (:mod:`.triton_mma16`) per activation dtype.
-MMA16_XS = {torch.bfloat16: 2.0**-8, torch.float16: 1.0}
+MMA16_XS = {torch.bfloat16: BF16_SCALE, torch.float16: 1.0}
 
 
 def mma16_unsupported_reason(dtype: torch.dtype, t: SpqrTensors | SpqrKernelTensors, rows: int = 4,
@@ -329,7 +331,8 @@ def spqr_matmul_triton(
     y = output_buffer(out, m, n, x)
     if m == 0 or n == 0:
         return y.reshape(*x.shape[:-1], n)
-    cfg = config or _cached_config(m, tuple(t.meta().items()), x.device, x.dtype)
+    meta = tuple(t.meta().items())
+    cfg = config or _cached_config(m, meta, x.device, x.dtype)
     if cfg.path == "cuda":
         reason = cuda_unsupported_reason(x.dtype, t, x.device)
         if reason is None:
@@ -342,7 +345,7 @@ def spqr_matmul_triton(
                     raise
         elif config is not None:
             raise ValueError(f"spqr CUDA GEMV: unsupported {reason}")
-        cfg = _cached_config(m, tuple(t.meta().items()), x.device, x.dtype, False)  # the Triton GEMV
+        cfg = _cached_config(m, meta, x.device, x.dtype, False)  # the Triton GEMV
     if cfg.path == "dequant":
         dequant_matmul(x2, t, bias, y, cfg)
         return y.reshape(*x.shape[:-1], n)

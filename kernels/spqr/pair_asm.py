@@ -24,6 +24,9 @@ from collections.abc import Callable
 import numpy as np
 
 MAGIC = 0x6400  # fp16 1024.0: a field in mantissa bits [0, 10) reads 1024 + field
+#: The scale that takes bf16 activations into fp16 for this arithmetic (a power of two, exact; bf16 values
+#: up to ~2e5 keep the fp16 group sums finite; the kernels undo it once per row in fp32).
+BF16_SCALE = 2.0**-8
 LUT_AND_OR = 0xEA  # lop3: (a & b) | c
 
 
@@ -231,4 +234,4 @@ def emulate(asm: str, operands: list[int]) -> list[float]:
     return out
 
 
-__all__ = ["decode_asm", "dot_asm", "emulate", "emulate_decode", "pair_layout"]
+__all__ = ["BF16_SCALE", "decode_asm", "dot_asm", "emulate", "emulate_decode", "pair_layout"]

@@ -139,8 +139,12 @@ class SpQRLinear(nn.Module):
             if self._buffers.get(name) is not None:
                 self._buffers[name] = convert(name, self._buffers[name], self._meta())
         self.kernel_layout = kernel
-        # the CUDA GEMV's copy of the outliers: derived, never saved (not in the state dict)
-        buckets = buckets_for(SpqrTensors(**self._meta(), **self._fields())) if kernel else None
+        self._set_buckets()
+
+    def _set_buckets(self) -> None:
+        """The CUDA GEMV's copy of the outliers (kernel layout on CUDA; else None): derived from the CSR
+        outlier buffers, never saved (not in the state dict)."""
+        buckets = buckets_for(SpqrTensors(**self._meta(), **self._fields())) if self.kernel_layout else None
         self.register_buffer("outlier_buckets", buckets, persistent=False)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
@@ -188,8 +192,7 @@ class SpQRLinear(nn.Module):
         elif self.qweight.is_cuda:  # already repacked, moved to another GPU: its scratch, reserved there now
             reserve(self.qweight.device, self._meta())
             if self._buffers.get("outlier_buckets") is None:  # repacked on the CPU: the CUDA GEMV's copy, now
-                self.register_buffer("outlier_buckets", buckets_for(SpqrTensors(**self._meta(), **self._fields())),
-                                     persistent=False)
+                self._set_buckets()
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
