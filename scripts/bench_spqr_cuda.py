@@ -7,6 +7,8 @@ over rotated input copies >= 480 MB, median of 20 replays, twice (the better med
     python scripts/bench_spqr_cuda.py                        # Llama-3-8B shapes, M = 1, the heuristic
     python scripts/bench_spqr_cuda.py --ms 1,2,3 --configs "8:2:2:4:2.0:8,4:2:4:4:4.0:8"
         # also CUDA launches warps:units:min_blocks:max_steps:per_sm:out_batch (CudaGemvConfig fields)
+    python scripts/bench_spqr_cuda.py --ms 2,4,8,16 --configs "mma:32:2:2.0:2"
+        # the CUDA tensor-core kernel: mma:units:min_blocks:per_sm:prefetch:out_batch (CudaMmaConfig fields)
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 import torch
 from bench_harness import copies_for, graph_medians
 
-from effllm_kernels.spqr import cuda_gemv, repack, spqr_linear_reference, unpack
+from effllm_kernels.spqr import cuda_gemv, cuda_mma, repack, spqr_linear_reference, unpack
 from effllm_kernels.spqr.launch import KernelConfig, _cached_config, pick_config, spqr_matmul_triton
 from effllm_kernels.spqr.testing import random_spqr_tensors
 
@@ -30,6 +32,9 @@ def rel_err(v: torch.Tensor, exact: torch.Tensor) -> float:
 
 def parse_config(spec: str) -> KernelConfig:
     f = spec.split(":")
+    if f[0] == "mma":  # mma:units:min_blocks:per_sm:prefetch:out_batch (CudaMmaConfig fields)
+        c = cuda_mma.CudaMmaConfig(*(float(v) if i == 2 else int(v) for i, v in enumerate(f[1:])))
+        return KernelConfig("cuda_mma", 16, cuda_gemv.ROWS, 4, cuda_mma=c)
     c = cuda_gemv.CudaGemvConfig(*(float(v) if i == 4 else int(v) for i, v in enumerate(f)))
     return KernelConfig("cuda", 1, cuda_gemv.ROWS, c.units, num_warps=c.warps, cuda=c)
 
@@ -69,8 +74,8 @@ def main() -> int:
                                              for w, x in zip(dense, xs, strict=False)]))
                 rows.append(f"| {fmt} | {n}x{k} | {m} | bf16 F.linear | {t_dense:.1f} | 1.00 | | {e_bf16:.2e} |")
                 heur = _cached_config(m, tuple(kt0.meta().items()), xs[0].device, xs[0].dtype)
-                cases = [("heuristic: " + heur.path, None),
-                         ("Triton GEMV", pick_config(m, kt0, xs[0].device, xs[0].dtype, cuda=False))]
+                triton = pick_config(m, kt0, xs[0].device, xs[0].dtype, cuda=False)
+                cases = [("heuristic: " + heur.path, None), (f"Triton ({triton.path})", triton)]
                 cases += [(f"cuda {s}", parse_config(s)) for s in specs]
                 for name, cfg in cases:
                     calls = [lambda t=t, x=x, cfg=cfg: spqr_matmul_triton(x, t, None, cfg)

@@ -168,10 +168,11 @@ def source(bits: int, stat_bits: int, stat_group: int, cfg: CudaGemvConfig, has_
     }
     head = "".join(f"#define {k} {v}\n" for k, v in defs.items())
     head += "".join(f"#define {name}({arg}) ({expr})\n" for name, (arg, expr) in _PAIR_MACROS.items())
-    return head + _SOURCE
+    return head + COMMON_C + _SOURCE
 
 
-_SOURCE = r"""
+#: C helpers the CUDA kernels of this package share (after the variant's macros: ``SB``, ``BIAS``).
+COMMON_C = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned long long u64;
@@ -196,6 +197,17 @@ __device__ __forceinline__ float mant(u32 v, int from) {
 __device__ __forceinline__ u32 pick(const uint4& v, int r) { return r == 0 ? v.x : r == 1 ? v.y : r == 2 ? v.z : v.w; }
 __device__ __forceinline__ float ld_cg(const float* p) { float v; asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p)); return v; }
 
+// The bias of row n as fp32 (BIAS: 0 none, 1 bf16, 2 fp16, 3 fp32)
+__device__ __forceinline__ float bias_at(const void* bias, int n) {
+    if (BIAS == 1) return bf16_f(((const u16*)bias)[n]);
+    if (BIAS == 2) return h_f(((const u16*)bias)[n]);
+    if (BIAS == 3) return ((const float*)bias)[n];
+    return 0.f;
+}
+
+"""
+
+_SOURCE = r"""
 __device__ __forceinline__ void dot(u32 w0, u32 w1, u32 w2, u32 w3, const u32* x, float& p0, float& p1) {
     u32 a, b;
     asm(DOT_ASM : "=r"(a), "=r"(b)
@@ -215,14 +227,6 @@ __device__ __forceinline__ void dot(u32 w0, u32 w1, u32 w2, u32 w3, const u32* x
 #define NS ((2 * BUM * NBT + THREADS - 1) / THREADS)  // (group, statistics block) pairs per thread
 #define H (THREADS / 128)  // threads per row in the outlier pass
 #define NCHM (BUM * 32 / BUCKET)  // outlier buckets of a block at most
-
-// The bias of row n as fp32 (BIAS: 0 none, 1 bf16, 2 fp16, 3 fp32)
-__device__ __forceinline__ float bias_at(const void* bias, int n) {
-    if (BIAS == 1) return bf16_f(((const u16*)bias)[n]);
-    if (BIAS == 2) return h_f(((const u16*)bias)[n]);
-    if (BIAS == 3) return ((const float*)bias)[n];
-    return 0.f;
-}
 
 // Split-K: after this block's partial is in ws, the last block of the tile to arrive adds all
 // partials in split order and writes y (+ bias) in bf16.

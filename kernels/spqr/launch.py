@@ -10,7 +10,7 @@ import torch
 
 from effllm_kernels.dispatch import interpreter_enabled
 from effllm_kernels.splitk import SCRATCH, output_buffer
-from effllm_kernels.spqr import cuda_gemv, kernel_unsupported_reason
+from effllm_kernels.spqr import cuda_gemv, cuda_mma, kernel_unsupported_reason
 from effllm_kernels.spqr.layout import STAT_FP16, SpqrTensors
 from effllm_kernels.spqr.pair_asm import BF16_SCALE
 from effllm_kernels.spqr.repack import SpqrKernelTensors, repack
@@ -43,6 +43,7 @@ class KernelConfig:
     ``host_perm`` (GEMV): gather x through the permutation once per call on the host side (one
     small extra launch) instead of in every program; the tensor-core kernel always does.
     ``cuda`` is the CUDA C++ GEMV (:mod:`.cuda_gemv`, NVRTC; :func:`cuda_unsupported_reason`),
+    ``cuda_mma`` the CUDA C++ tensor-core kernel for 1-16 rows (:mod:`.cuda_mma`, NVRTC),
     ``gemv16`` the fp16x2 Triton GEMV (:mod:`.triton_gemv16`; :func:`gemv16_unsupported_reason`), ``mma16``
     the fp16 tensor-core kernel with the pair decode (:mod:`.triton_mma16`; :func:`mma16_unsupported_reason`),
     ``mma`` the older tensor-core kernel (bf16 dequantization, any format and activation dtype),
@@ -50,7 +51,7 @@ class KernelConfig:
     rows x C units per program of the dequantization kernel).
     """
 
-    path: str  # "cuda", "gemv16", "gemv", "mma", "mma16" or "dequant"
+    path: str  # "cuda", "cuda_mma", "gemv16", "gemv", "mma", "mma16" or "dequant"
     block_m: int  # activation rows per program (1 for the GEMVs)
     block_n: int  # weight rows per program
     units: int  # C: 32-code units per step of the K loop (BK = 32 * C codes)
@@ -64,6 +65,7 @@ class KernelConfig:
     unroll: int = 1  # gemv16: K-loop unroll factor
     host_cast: bool = False  # mma16: x scaled and rounded to fp16 once per call on the host side
     cuda: cuda_gemv.CudaGemvConfig | None = None  # "cuda": the CUDA GEMV's launch (:mod:`.cuda_gemv`)
+    cuda_mma: cuda_mma.CudaMmaConfig | None = None  # "cuda_mma": the CUDA tensor-core kernel's (:mod:`.cuda_mma`)
 
 
 #: The dequantize path's kernel tile (64 rows x 4 units per program, 4 warps; pick_config).
@@ -107,10 +109,11 @@ def pick_config(m: int, t: SpqrTensors | SpqrKernelTensors, device: torch.device
                 dtype: torch.dtype = torch.bfloat16, cuda: bool = True) -> KernelConfig:
     """Heuristic launch configuration for an [m, K] input.
 
-    Up to GEMV_MAX_M rows of bf16 activations on a CUDA device the CUDA C++ GEMV (:mod:`.cuda_gemv`,
-    its own launch heuristic) where its sweep had it ahead of the Triton GEMV or level (all but the
-    small layers at M = 3);
-    ``cuda=False`` gives the Triton configuration it falls back to. The rest:
+    For bf16 activations on a CUDA device the CUDA C++ kernels where their sweeps had them ahead or
+    level, each by its own launch heuristic: the tensor-core kernel (:mod:`.cuda_mma`) at 2-16 rows
+    (not small layers at 2-3 rows, nor the large ones at 2), then the GEMV (:mod:`.cuda_gemv`) up to
+    GEMV_MAX_M rows (not the small layers at M = 3);
+    ``cuda=False`` gives the Triton configuration they fall back to. The rest:
 
     From ``scripts/bench_spqr_matmul.py --sweep`` on the H200 (2026-11-29; 3-bit codes and
     statistics, 16/16 groups; 4096x4096, 14336x4096, 4096x14336). The fp16x2 GEMV (bf16 activations,
@@ -134,6 +137,9 @@ def pick_config(m: int, t: SpqrTensors | SpqrKernelTensors, device: torch.device
     """
     if m >= DEQUANT_MIN_M:
         return DEQUANT_CONFIG
+    c = cuda_mma.heuristic(t, m, _sm_count(device)) if cuda else None
+    if c is not None and cuda_unsupported_reason(dtype, t, device, m) is None:
+        return KernelConfig("cuda_mma", 16, cuda_gemv.ROWS, 4, num_warps=8, cuda_mma=c)
     c = cuda_gemv.heuristic(t, m, _sm_count(device)) if cuda and m <= GEMV_MAX_M else None
     if c is not None and cuda_unsupported_reason(dtype, t, device) is None:
         return KernelConfig("cuda", 1, cuda_gemv.ROWS, c.units, num_warps=c.warps, cuda=c)
@@ -153,12 +159,15 @@ def pick_config(m: int, t: SpqrTensors | SpqrKernelTensors, device: torch.device
 
 
 def cuda_unsupported_reason(dtype: torch.dtype, t: SpqrTensors | SpqrKernelTensors,
-                            device: torch.device) -> str | None:
-    """Why the CUDA GEMV (:mod:`.cuda_gemv`) cannot serve this layer, activation dtype and device, or None."""
+                            device: torch.device, mma_m: int | None = None) -> str | None:
+    """Why the CUDA GEMV (:mod:`.cuda_gemv`), or with ``mma_m`` the CUDA tensor-core kernel at that batch
+    (:mod:`.cuda_mma`), cannot serve this layer, activation dtype and device, or None."""
     if device.type != "cuda" or interpreter_enabled():
-        return f"device {device} (the CUDA GEMV runs on CUDA devices)"
+        return f"device {device} (the CUDA kernels run on CUDA devices)"
     if not cuda_gemv.usable():
-        return "its NVRTC build failed earlier in this process"
+        return "an NVRTC build failed earlier in this process"
+    if mma_m is not None:
+        return cuda_mma.unsupported_reason(dtype, t, mma_m)
     return cuda_gemv.unsupported_reason(dtype, t)
 
 
@@ -246,8 +255,9 @@ def _split_k_need(meta_items: tuple, device: torch.device) -> tuple[int, int]:
     def split_at(m: int, dtype: torch.dtype) -> int:
         """The heuristic's split at M (recording what it needs when it splits)."""
         cfg = pick_config(m, t, device, dtype)  # type: ignore[arg-type]
-        if cfg.path == "cuda":  # and the Triton GEMV it falls back to
-            ws, cnt = cuda_gemv.scratch_need(t, m, cfg.cuda, _sm_count(device))
+        if cfg.path in ("cuda", "cuda_mma"):  # and the Triton kernel it falls back to
+            ws, cnt = (cuda_gemv.scratch_need(t, m, cfg.cuda, _sm_count(device)) if cfg.path == "cuda"
+                       else cuda_mma.scratch_need(t, m, cfg.cuda_mma, _sm_count(device)))
             need[:] = max(need[0], ws), max(need[1], cnt)
             cfg = pick_config(m, t, device, dtype, cuda=False)  # type: ignore[arg-type]
         _, split, n_blocks, m_blocks = _grid(cfg, m, k, n)
@@ -333,19 +343,22 @@ def spqr_matmul_triton(
         return y.reshape(*x.shape[:-1], n)
     meta = tuple(t.meta().items())
     cfg = config or _cached_config(m, meta, x.device, x.dtype)
-    if cfg.path == "cuda":
-        reason = cuda_unsupported_reason(x.dtype, t, x.device)
+    if cfg.path in ("cuda", "cuda_mma"):
+        reason = cuda_unsupported_reason(x.dtype, t, x.device, m if cfg.path == "cuda_mma" else None)
         if reason is None:
+            xc = x2 if x2.stride(-1) == 1 else x2.contiguous()
             try:
-                cuda_gemv.launch(x2 if x2.stride(-1) == 1 else x2.contiguous(), t, bias, y, cfg.cuda,
-                                 _sm_count(x.device))
+                if cfg.path == "cuda":
+                    cuda_gemv.launch(xc, t, bias, y, cfg.cuda, _sm_count(x.device))
+                else:
+                    cuda_mma.launch(xc, t, bias, y, cfg.cuda_mma, _sm_count(x.device))
                 return y.reshape(*x.shape[:-1], n)
             except cuda_gemv.CompileError:
                 if config is not None:
                     raise
         elif config is not None:
-            raise ValueError(f"spqr CUDA GEMV: unsupported {reason}")
-        cfg = _cached_config(m, meta, x.device, x.dtype, False)  # the Triton GEMV
+            raise ValueError(f"spqr CUDA kernel: unsupported {reason}")
+        cfg = _cached_config(m, meta, x.device, x.dtype, False)  # the Triton kernel for this M
     if cfg.path == "dequant":
         dequant_matmul(x2, t, bias, y, cfg)
         return y.reshape(*x.shape[:-1], n)

@@ -23,7 +23,7 @@ for c in $cases; do
     if [ -n "${NCU_SOURCE:-}" ]; then
         rep="$out/ncu_${shape}_m${m}"
         timeout "$left" "$ncu" --clock-control none --target-processes all \
-            --kernel-name regex:"_spqr_(gemv16|mma16|gemv|mma)_kernel|spqr_gemv_cuda" --launch-skip 5 --launch-count 1 \
+            --kernel-name regex:"_spqr_(gemv16|mma16|gemv|mma)_kernel|spqr_gemv_cuda|spqr_mma_cuda|spqr_mma_xprep" --launch-skip 5 --launch-count 1 \
             --set full --import-source yes -o "$rep" \
             python3 scripts/profile_spqr_kernel.py --n "$n" --k "$k" --m "$m" > "$rep.log" 2>&1
         "$ncu" -i "$rep.ncu-rep" --page source --csv --print-source sass > "$rep.sass.csv" 2>&1
@@ -31,7 +31,7 @@ for c in $cases; do
         echo "== $shape M=$m: $(wc -l < "$rep.sass.csv") SASS lines"; continue
     fi
     timeout "$left" "$ncu" --clock-control none --target-processes all \
-        --kernel-name regex:"_spqr_(gemv16|mma16|gemv|mma)_kernel|spqr_gemv_cuda" --launch-skip 5 --launch-count 1 \
+        --kernel-name regex:"_spqr_(gemv16|mma16|gemv|mma)_kernel|spqr_gemv_cuda|spqr_mma_cuda|spqr_mma_xprep" --launch-skip 5 --launch-count 1 \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
         --section Occupancy --section LaunchStats --section SchedulerStats --section SourceCounters \
         python3 scripts/profile_spqr_kernel.py --n "$n" --k "$k" --m "$m" > "$out/ncu_${shape}_m${m}.txt" 2>&1

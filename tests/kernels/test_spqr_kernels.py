@@ -462,12 +462,12 @@ def test_load_time_reservation_covers_every_batch_size(sms: int, cuda: bool, mon
     """launch.split_k_need (what scratch.reserve allocates when a layer is repacked) is at least the
     workspace and the counters of the heuristic's launch at every M and activation dtype (with the CUDA
     GEMV available, as on a GPU without the interpreter, or not)."""
-    from effllm_kernels.spqr import cuda_gemv, launch
+    from effllm_kernels.spqr import cuda_gemv, cuda_mma, launch
 
     monkeypatch.setattr(launch, "_sm_count", lambda device: sms)
     if cuda:
-        monkeypatch.setattr(launch, "cuda_unsupported_reason",
-                            lambda dtype, t, device: cuda_gemv.unsupported_reason(dtype, t))
+        monkeypatch.setattr(launch, "cuda_unsupported_reason", lambda dtype, t, device, mma_m=None: (
+            cuda_gemv.unsupported_reason(dtype, t) if mma_m is None else cuda_mma.unsupported_reason(dtype, t, mma_m)))
     launch._cached_config.cache_clear()
     launch._split_k_need.cache_clear()
     try:
@@ -481,8 +481,9 @@ def test_load_time_reservation_covers_every_batch_size(sms: int, cuda: bool, mon
                 while m < 64 or last_split > 1:  # every M until the programs alone fill the GPU
                     m += 1
                     cfg = launch.pick_config(m, t, torch.device("cuda"), dtype)
-                    if cfg.path == "cuda":  # (with a GPU) the CUDA GEMV, then the Triton GEMV it falls back to
-                        cws, ccnt = cuda_gemv.scratch_need(t, m, cfg.cuda, sms)
+                    if cfg.path in ("cuda", "cuda_mma"):  # (with a GPU) a CUDA kernel, then the Triton one it falls back to
+                        cws, ccnt = (cuda_gemv.scratch_need(t, m, cfg.cuda, sms) if cfg.path == "cuda"
+                                     else cuda_mma.scratch_need(t, m, cfg.cuda_mma, sms))
                         assert cws <= ws and ccnt <= tiles, (n, k, bits, m, dtype, cfg)
                         cfg = launch.pick_config(m, t, torch.device("cuda"), dtype, cuda=False)
                     _, last_split, n_blocks, m_blocks = launch._grid(cfg, m, k, n)
@@ -671,6 +672,109 @@ def test_cuda_gemv_matches_reference_on_gpu(case: int) -> None:
     assert torch.equal(run_kernel(x, kt, bias, cfg), y)  # split K in a fixed order: bit for bit again
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_cuda_mma_decode_fills_the_mma_operands_like_the_pair_decode(bits: int) -> None:
+    """The CUDA tensor-core kernel's decode (run in Python from its generated C) puts pair 2i / 2i + 1 of
+    row 0 / 1 into A[i] = (r0 p2i, r1 p2i, r0 p2i+1, r1 p2i+1), bit for bit what the Triton kernel's PTX
+    decode (pair_asm.decode_asm, emulated) gives for each row and pair, for random words and statistics."""
+    import struct
+
+    import numpy as np
+
+    from effllm_kernels.spqr.cuda_mma import emulate_decode_c
+    from effllm_kernels.spqr.pair_asm import _pack, decode_asm, emulate_decode
+
+    rng = np.random.default_rng(bits)
+    asm, _ = decode_asm(bits)
+    for _ in range(20):
+        words = [[int(v) for v in rng.integers(0, 2**32, size=bits)] for _ in range(2)]
+        stats = [[float(np.float16(v)) for v in rng.uniform(-2, 2, size=4)] for _ in range(2)]  # s0, nb0, s1, nb1
+        s2 = [[_pack(st[0], st[0]), _pack(st[2], st[2])] for st in stats]
+        n2 = [[_pack(st[1], st[1]), _pack(st[3], st[3])] for st in stats]
+        got = emulate_decode_c(bits, (words[0], words[1]), s2, n2)
+        for r in range(2):
+            ops = words[r] + [words[r][0]] * (4 - bits) + [struct.unpack("<I", struct.pack("<f", v))[0] for v in stats[r]]
+            want = emulate_decode(asm, ops)  # 32 fp16: codes a / b of pair p at 2p / 2p + 1
+            for p in range(16):
+                assert got[p >> 1][(p & 1) * 2 + r] == _pack(want[2 * p], want[2 * p + 1]), (bits, r, p)
+
+
+def test_cuda_mma_blocks_cover_every_unit_and_outlier_bucket_once_and_fit_shared_memory() -> None:
+    """The tensor-core kernel's block plan in Python (the kernel needs a GPU, its index plan does not):
+    the K splits of :func:`cuda_mma.grid` take whole buckets, cover every unit and bucket once, stay
+    within the configured units; every variant the heuristic or a launch builds fits 48 KB of shared
+    memory; configs are checked."""
+    from effllm_kernels.spqr import cuda_mma
+    from effllm_kernels.spqr.cuda_gemv import BUCKET
+
+    with pytest.raises(ValueError):
+        cuda_mma.CudaMmaConfig(units=24)
+    with pytest.raises(ValueError):
+        cuda_mma.CudaMmaConfig(prefetch=0)
+    with pytest.raises(ValueError, match="shared memory"):
+        cuda_mma.source(3, 3, 16, cuda_mma.CudaMmaConfig(units=64), 2, True, 0)
+    per_bucket = BUCKET // 32
+    for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096), (1000, 1100), (256, 2048), (512, 3000)):
+        layer = SimpleNamespace(in_features=k, out_features=n)
+        n_units, n_buckets = -(-k // 32), -(-k // BUCKET)
+        for m in range(1, cuda_mma.MAX_M + 1):
+            for cfg in [cuda_mma.CudaMmaConfig(), cuda_mma.CudaMmaConfig(16, 2, 4.0), cuda_mma.CudaMmaConfig(32, 1, 1.0)] + [
+                    c for c in [cuda_mma.heuristic(layer, m, 132)] if c]:
+                split, upb = cuda_mma.grid(layer, cfg, 132)
+                assert upb % per_bucket == 0 and upb <= cfg.units
+                units, buckets = [], []
+                for kb in range(split):
+                    ub = kb * upb
+                    nb = min(upb, n_units - ub)
+                    assert nb > 0  # no empty split
+                    units += range(ub, ub + nb)
+                    cb0 = ub * 32 // BUCKET
+                    buckets += range(cb0, cb0 + min(upb * 32 // BUCKET, n_buckets - cb0))
+                assert units == list(range(n_units)) and buckets == list(range(n_buckets)), (n, k, m, cfg)
+                for sb, sg in ((3, 16), (2, 32), (4, 16), (16, 16)):
+                    built = cuda_mma.CudaMmaConfig(upb, cfg.min_blocks, cfg.per_sm, cfg.prefetch, cfg.out_batch)
+                    assert cuda_mma.shared_bytes(built, cuda_mma.n_tiles(m), sb, sg) <= 48 * 1024
+    assert cuda_mma.heuristic(SimpleNamespace(in_features=4096, out_features=1024), 2, 132) is None  # small, M = 2-3
+    assert cuda_mma.heuristic(SimpleNamespace(in_features=4096, out_features=14336), 2, 132) is None  # large, M = 2
+    assert cuda_mma.heuristic(SimpleNamespace(in_features=4096, out_features=14336), 3, 132) is not None
+
+
+# (m, n, k, bits, stat_bits, stat_group, permute, outlier density, bias dtype or None, CudaMmaConfig fields
+# or None for the defaults): the CUDA tensor-core kernel at 1-16 rows (one and two n-tiles, partial ones),
+# the 3/3/16/16 format at real shapes, ragged K and N, 2-bit without permutation or outliers in blocks of
+# 32 rows, 4-bit with fp16 statistics, 2- and 4-bit statistics, biases, one K split and many.
+_CUDA_MMA_CASES = [
+    (16, 4096, 4096, 3, 3, 16, True, 0.01, None, None),
+    (5, 1000, 1100, 3, 3, 16, True, 0.03, torch.bfloat16, None),
+    (8, 256, 2048, 2, 3, 32, False, 0.0, None, None),
+    (12, 512, 3000, 4, 16, 16, True, 0.02, torch.float32, None),
+    (16, 4096, 14336, 3, 2, 16, True, 0.01, None, (16, 2, 4.0)),
+    (2, 14336, 4096, 3, 4, 16, True, 0.01, torch.float16, (32, 1, 1.0)),
+    (1, 1024, 4096, 4, 3, 16, True, 0.05, None, (16, 2, 8.0)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", range(len(_CUDA_MMA_CASES)))
+def test_cuda_mma_matches_reference_on_gpu(case: int) -> None:
+    from effllm_kernels.spqr.cuda_mma import CudaMmaConfig
+    from effllm_kernels.spqr.launch import KernelConfig
+
+    m, n, k, bits, sb, sg, permute, density, bias_dtype, c = _CUDA_MMA_CASES[case]
+    t = random_spqr_tensors(n, k, bits, 16, sb, sg, outlier_density=density, permute=permute, seed=400 + case,
+                            device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(case)
+    x = torch.randn(m, k, generator=gen, device="cuda").bfloat16()
+    bias = torch.randn(n, generator=gen, device="cuda").to(bias_dtype) if bias_dtype else None
+    kt = repack(t)
+    cfg = KernelConfig("cuda_mma", 16, 128, 4, cuda_mma=CudaMmaConfig(*c) if c else CudaMmaConfig())
+    y = run_kernel(x, kt, bias, cfg)
+    assert_close_to_reference(y, x, t, bias)
+    assert torch.equal(run_kernel(x, kt, bias, cfg), y)  # split K in a fixed order: bit for bit again
+    assert torch.equal(run_kernel(x[:1], kt, bias, cfg), y[:1])  # rows are independent of each other
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_gemv_is_the_bf16_decode_default_and_falls_back_on_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -680,7 +784,8 @@ def test_cuda_gemv_is_the_bf16_decode_default_and_falls_back_on_gpu(monkeypatch:
     t = random_spqr_tensors(4096, 4096, seed=21, device="cuda")
     kt = repack(t)
     dev = torch.device("cuda")
-    assert [pick_config(m, kt, dev, torch.bfloat16).path for m in (1, 2, 3, 4)] == ["cuda", "cuda", "gemv16", "mma16"]
+    assert [pick_config(m, kt, dev, torch.bfloat16).path for m in (1, 2, 3, 4, 16, 17)] == [
+        "cuda", "cuda_mma", "cuda_mma", "cuda_mma", "cuda_mma", "mma16"]
     assert pick_config(1, kt, dev, torch.float16).path != "cuda"
     calls = []
     launch = cuda_gemv.launch
