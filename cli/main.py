@@ -310,7 +310,7 @@ def eval_ppl(
 @app.command("eval-passkey")
 def eval_passkey(
     model: ModelArg,
-    lengths: Annotated[str, typer.Option("--lengths", help="Comma-separated prompt lengths in tokens.")] = "2048,8192",
+    lengths: Annotated[str, typer.Option("--lengths", help="Comma-separated lengths in tokens (prompt + generated answer).")] = "2048,8192",
     depths: Annotated[str, typer.Option("--depths", help="Comma-separated needle depths in [0, 1].")] = "0,0.25,0.5,0.75,1",
     trials: Annotated[int, typer.Option("--trials", help="Prompts per (length, depth).")] = 5,
     dataset: Annotated[str, typer.Option("--dataset", help="Haystack text (file, folder, .jsonl or named set).")] = "austen-persuasion",

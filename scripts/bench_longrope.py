@@ -4,7 +4,8 @@ For each method: extend the model to ``--target`` through effllm's own recipe ru
 with the budget given here), reload the written checkpoint as a user would, and measure
 - perplexity on long windows of *Pride and Prejudice* (PG19-style: the book as one token stream, cut
   into non-overlapping windows of each length, the same ``--ppl-tokens`` tokens at every length);
-- passkey retrieval accuracy (``effllm_tools.eval.passkey``) over lengths and depths;
+- passkey retrieval accuracy (``effllm_tools.eval.passkey``) over lengths and depths, a length counting
+  the prompt and the generated answer;
 - whether logits on a short window equal the base model's (up to the original window LongRoPE's
   short factors are plain RoPE; with attention factor 1 the model is exactly unchanged there).
 Writes ``results.json`` and ``table.md`` to ``--out``.

@@ -1,10 +1,18 @@
 """``effllm eval-passkey``: passkey retrieval accuracy over context lengths and needle depths.
 
-Each trial is a prompt of exactly ``length`` tokens: real text (the haystack) with one needle
-"The special magic number for <key> is <7 digits>." at ``depth`` (0 = start, 1 = end), ending with
-the question "... The special magic number for <key> is". The model decodes greedily; a trial is
-correct when the first run of digits it writes equals the needle's number. The same document builder
-(``effllm_tools.data.needles``) makes LongRoPE2's needle-driven search documents.
+A ``length`` counts the prompt and the generated tokens (RULER's convention): each trial decodes
+greedily a fixed ``answer_budget`` tokens (the tokens of " <7 digits>" under the tokenizer, plus 3)
+after a prompt of ``length - answer_budget`` tokens, so no token sits at a position past ``length``.
+The prompt is real text (the haystack) with one needle "The special magic number for <key> is
+<7 digits>." at ``depth`` (0 = start, 1 = end), ending with the question "... The special magic number
+for <key> is". A trial is correct when the first run of digits the model writes equals the needle's
+number. The same document builder (``effllm_tools.data.needles``) makes LongRoPE2's needle-driven
+search documents.
+
+Why the answer counts: with transformers' ``longrope`` rope type, a generation that starts at or below
+the original window and runs past it switches to the long factors while the KV cache holds keys
+rotated with the short ones (transformers#33129); a prompt of exactly the original window answered
+past it measured that artifact, not retrieval.
 """
 
 from __future__ import annotations
@@ -16,11 +24,41 @@ from typing import Any
 
 import torch
 
-from effllm_tools.data.needles import Haystack, PasskeyPrompt, load_haystack, passkey_prompt
+from effllm_tools.data.needles import INTRO, KEYS, NEEDLE, QUESTION, Haystack, load_haystack, passkey_prompt
 from effllm_tools.errors import BadInputError
 from effllm_tools.reporting import Reporter
 
 DEFAULT_HAYSTACK = "austen-persuasion"
+ANSWER_SLACK = 3  # tokens decoded after the number's own (the judge reads the first run of digits)
+# 7-digit numbers to size the answer by: every repeated digit and a fixed sample. Tokenizers that split
+# digits (one or up to three per token) give every number the same count; merging BPEs vary a little.
+_PROBE = [d * 7 for d in "123456789"] + [str(n) for n in random.Random(0).sample(range(1_000_000, 10_000_000), 32)]
+
+
+def answer_budget(hay: Haystack) -> int:
+    """Tokens decoded per trial: the most any probe " <7 digits>" takes under this tokenizer, plus
+    ``ANSWER_SLACK``. A function of the tokenizer alone, so every trial at a length has one prompt length."""
+    return max(len(hay.encode(" " + v)) for v in _PROBE) + ANSWER_SLACK
+
+
+def min_prompt_tokens(hay: Haystack) -> int:
+    """The shortest prompt that holds the intro, any needle, any question and one haystack token."""
+    head = len(hay.prefix_special()) + len(hay.encode(INTRO))
+    widest = max(len(hay.encode(NEEDLE.format(key=k, value=v))) + len(hay.encode(QUESTION.format(key=k)))
+                 for k in KEYS for v in _PROBE)
+    return head + widest + 1
+
+
+def check_lengths(hay: Haystack, lengths: list[int]) -> int:
+    """Refuse a length whose prompt (``length - answer_budget``) cannot hold the needle and the
+    question; return the budget."""
+    budget = answer_budget(hay)
+    need = min_prompt_tokens(hay)
+    if short := [n for n in lengths if n - budget < need]:
+        raise BadInputError(f"--lengths {min(short)}: too short with this tokenizer: a length counts the prompt "
+                            f"(at least {need} tokens for the intro, needle and question) and the answer ({budget}), "
+                            f"so every length must be at least {need + budget}")
+    return budget
 
 
 @torch.inference_mode()
@@ -48,17 +86,19 @@ def judge(text: str, answer: str) -> bool:
 
 def passkey_trials(model: Any, hay: Haystack, *, lengths: list[int], depths: list[float], trials: int, seed: int,
                    device: Any, reporter: Reporter | None = None) -> list[dict[str, Any]]:
-    """Run every (length, depth, trial) and return one record per trial."""
+    """Run every (length, depth, trial) and return one record per trial: a prompt of ``length - budget``
+    tokens and ``budget`` (``answer_budget``) greedy tokens, so prompt + answer fill ``length`` positions."""
     reporter = reporter or Reporter()
+    budget = check_lengths(hay, lengths)
     rng = random.Random(seed)
     plan = [(n, d, t) for n in lengths for d in depths for t in range(trials)]
     records = []
     for length, depth, _ in reporter.progress_iter(plan, "eval-passkey", total=len(plan)):
-        prompt: PasskeyPrompt = passkey_prompt(hay, length, depth, rng)
-        budget = len(hay.encode(" " + prompt.answer)) + 3
+        prompt = passkey_prompt(hay, length - budget, depth, rng)
         new = greedy_decode(model, prompt.input_ids, budget, device)
         text = hay.tokenizer.decode(new)
         records.append({"length": length, "depth": depth, "answer": prompt.answer, "output": text,
+                        "prompt_tokens": int(prompt.input_ids.numel()), "new_tokens": len(new),
                         "needle_position": prompt.position, "correct": judge(text, prompt.answer)})
     return records
 
@@ -118,6 +158,7 @@ def run_eval_passkey(model: str, *, lengths: list[int], depths: list[float], tri
     settings = {"model": model, "dataset": dataset, "text_sha256": hay.meta.get("text_sha256"), "lengths": lengths,
                 "depths": depths, "trials_per_cell": trials, "seed": seed, "device": device,
                 "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
-                "max_position_embeddings": limit, "allow_beyond_max": allow_beyond_max, "decoding": "greedy"}
+                "max_position_embeddings": limit, "allow_beyond_max": allow_beyond_max, "decoding": "greedy",
+                "length_counts": "prompt + generated tokens", "new_tokens": answer_budget(hay)}
     return {"metrics": summarize(records), "settings": settings, "timings": {"load_s": t_load, "eval_s": t_eval},
             "records": records}

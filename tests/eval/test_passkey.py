@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from effllm_tools.data.needles import INTRO, NEEDLE, QUESTION, Haystack, passkey_prompt
-from effllm_tools.eval.passkey import judge, passkey_trials, summarize
+from effllm_tools.errors import BadInputError
+from effllm_tools.eval.passkey import answer_budget, judge, min_prompt_tokens, passkey_trials, summarize
 from tests.conftest import parse_json_stdout, run_cli
 
 
@@ -70,6 +71,51 @@ def test_oracle_scores_one_and_a_wrong_model_zero(hay):
     assert bad["accuracy"] == 0.0
 
 
+class Counting(Oracle):
+    """The oracle, counting the positions it is fed and the tokens it emits, per greedy decode."""
+
+    def __init__(self, tok):
+        super().__init__(tok)
+        self.runs: list[dict[str, int]] = []
+
+    def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=None):
+        if past_key_values is None:
+            self.runs.append({"prompt": input_ids.shape[1], "fed": input_ids.shape[1], "emitted": 0})
+        else:
+            self.runs[-1]["fed"] += input_ids.shape[1]
+        self.runs[-1]["emitted"] += 1
+        return super().forward(input_ids, past_key_values, use_cache, logits_to_keep)
+
+
+def test_prompt_plus_answer_fill_the_length_with_one_prompt_length_per_length(hay):
+    """RULER's convention: a length counts the prompt and the generated tokens, so no token sits past it
+    (transformers#33129: a longrope model answering past its original window reads wrong keys)."""
+    model = Counting(hay.tokenizer)
+    lengths, depths, trials = [300, 451, 600], [0.0, 0.5, 1.0], 3
+    records = passkey_trials(model, hay, lengths=lengths, depths=depths, trials=trials, seed=0, device="cpu")
+    budget = answer_budget(hay)
+    assert budget == len(hay.encode(" 1234567")) + 3  # the byte tokenizer: one token per digit
+    assert len(model.runs) == len(records) == len(lengths) * len(depths) * trials
+    for run, rec in zip(model.runs, records, strict=True):
+        assert run["prompt"] + run["emitted"] == rec["length"]  # prompt + generated == length
+        assert run["fed"] < rec["length"]  # every position the model saw lies inside the length
+        assert (rec["prompt_tokens"], rec["new_tokens"]) == (run["prompt"], budget)
+    for n in lengths:
+        assert {r["prompt_tokens"] for r in records if r["length"] == n} == {n - budget}
+    assert summarize(records)["accuracy"] == 1.0
+
+
+def test_lengths_too_short_for_prompt_and_answer_are_refused_and_the_minimum_works(hay):
+    shortest = min_prompt_tokens(hay) + answer_budget(hay)
+    with pytest.raises(BadInputError, match=f"at least {shortest}"):
+        passkey_trials(Oracle(hay.tokenizer), hay, lengths=[600, shortest - 1], depths=[0.5], trials=1, seed=0,
+                       device="cpu")
+    # the minimum holds the widest needle and question: every key fits, and the oracle still retrieves
+    records = passkey_trials(Oracle(hay.tokenizer), hay, lengths=[shortest], depths=[0.0, 1.0], trials=20, seed=0,
+                             device="cpu")
+    assert summarize(records)["accuracy"] == 1.0 and {r["prompt_tokens"] for r in records} == {min_prompt_tokens(hay)}
+
+
 def test_judge():
     assert judge(" 1234567. And", "1234567")
     assert not judge(" 12345678", "1234567") and not judge(" none", "1234567")
@@ -77,23 +123,23 @@ def test_judge():
 
 
 def test_cli_json_schema_limit_and_gate(tiny_llama):
-    from effllm_tools.errors import BadInputError
     from effllm_tools.eval.passkey import run_eval_passkey
 
     with pytest.raises(BadInputError, match="--allow-beyond-max"):
         run_eval_passkey(str(tiny_llama), lengths=[300], depths=[0.5], device="cpu")
-    proc = run_cli("eval-passkey", str(tiny_llama), "--lengths", "260,300", "--depths", "0,1", "--trials", "1",
+    proc = run_cli("eval-passkey", str(tiny_llama), "--lengths", "280,300", "--depths", "0,1", "--trials", "1",
                    "--allow-beyond-max", "--device", "cpu", "--min-accuracy", "0.99", "--json")
     assert proc.returncode == 5  # a random tiny model retrieves nothing: the gate fails
     obj = parse_json_stdout(proc)
     assert obj["command"] == "eval-passkey" and obj["status"] == "gate_failed"
-    assert set(obj["metrics"]["accuracy_by_length"]) == {"260", "300"} and obj["metrics"]["trials"] == 4
+    assert set(obj["metrics"]["accuracy_by_length"]) == {"280", "300"} and obj["metrics"]["trials"] == 4
     assert len(obj["records"]) == 4 and obj["settings"]["allow_beyond_max"] is True
+    assert obj["settings"]["length_counts"] == "prompt + generated tokens"
+    assert all(r["prompt_tokens"] + r["new_tokens"] == r["length"] for r in obj["records"])
 
 
 @pytest.mark.parametrize("text", ["256,256", "256,,512", "0.5,0.5"])
 def test_lists_with_empty_or_repeated_items_are_refused(text):
-    from effllm_tools.errors import BadInputError
     from effllm_tools.eval.passkey import parse_list
 
     with pytest.raises(BadInputError, match="empty or repeated items"):
