@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""End-to-end batch-1 decode speed of a Llama-3-8B-shaped model: bf16 versus SpQR-packed.
+"""End-to-end decode speed of a Llama-3-8B-shaped model (batch 1 unless ``--batch``): bf16 versus SpQR-packed.
 
 The model (hidden 4096, MLP 14336, 32 heads, 8 KV heads, 32 layers, vocab 128256) is built directly
 on the GPU in bf16 with random weights (no calibration). The SpQR model is the same model with
@@ -9,7 +9,7 @@ for the kernels on CUDA), a random 3/3/16/16 layer with ~1% outliers and an act-
 weights are freed. Both run through transformers ``generate`` (greedy, a fixed number of new
 tokens): ``compiled`` = static cache, which makes ``generate`` torch.compile the decode step
 (mode reduce-overhead: CUDA graphs), and ``eager`` = the default dynamic cache. Reports tokens/s
-(new tokens / wall time of the timed generate call, prefill of the short prompt included; the
+(new tokens x batch / wall time of the timed generate call, prefill of the short prompt included; the
 first call, with compilation, is a warm-up), the median time of one decode step (from per-step
 timestamps: without the prefill and ``generate``'s set-up), the time to the first token (prefill of
 ``--prompt`` tokens plus set-up: at 128+ tokens the SpQR linears take the dequantize path), the weights'
@@ -17,6 +17,7 @@ memory and the peak memory.
 
     python scripts/bench_spqr_decode.py [--new-tokens 128] [--modes eager,compiled] [--layers 32] [--profile]
     python scripts/bench_spqr_decode.py --prompt 2048 --new-tokens 16 --modes compiled --compare-fused-prefill
+    python scripts/bench_spqr_decode.py --batch 4 --new-tokens 32 --modes compiled --compare-triton-mma
 """
 
 from __future__ import annotations
@@ -109,12 +110,12 @@ def timed_generate(model: nn.Module, ids: torch.Tensor, new: int, mode: str) -> 
     out = model.generate(ids, logits_processor=transformers.LogitsProcessorList([clock]), **kw)
     torch.cuda.synchronize()
     assert out.shape[1] == ids.shape[1] + new
-    return new / (time.perf_counter() - t0), clock.step_ms(), 1000 * (clock.times[0] - t0)
+    return new * ids.shape[0] / (time.perf_counter() - t0), clock.step_ms(), 1000 * (clock.times[0] - t0)
 
 
 def run(model: nn.Module, label: str, args: argparse.Namespace, rows: list[str]) -> None:
     weights = torch.cuda.memory_allocated() / 2**30
-    ids = torch.randint(0, 128256, (1, args.prompt), device="cuda")
+    ids = torch.randint(0, 128256, (args.batch, args.prompt), device="cuda")
     for mode in args.modes.split(","):
         torch.cuda.reset_peak_memory_stats()
         tps, step, first = timed_generate(model, ids, args.new_tokens if mode == "compiled" else args.eager_tokens,
@@ -152,6 +153,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together (rows per decode-step linear)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--eager-tokens", type=int, default=32)
     ap.add_argument("--modes", default="eager,compiled")
@@ -159,6 +161,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print GPU time per kernel of a compiled generate")
     ap.add_argument("--compare-triton-gemv", action="store_true",
                     help="also run the SpQR model with the Triton GEMV at M <= 3 (the CUDA GEMV switched off)")
+    ap.add_argument("--compare-triton-mma", action="store_true",
+                    help="also run the SpQR model with the CUDA tensor-core kernel switched off (the Triton kernels)")
     ap.add_argument("--compare-fused-prefill", action="store_true",
                     help="also run the SpQR model with the prefill on the fused kernels (no dequantize path)")
     args = ap.parse_args()
@@ -166,7 +170,7 @@ def main() -> None:
     head = (f"- GPU: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton "
             f"{triton.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}\n"
             f"- date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; Llama-3-8B shape, "
-            f"{args.layers} layers, random bf16 weights; batch 1, prompt {args.prompt}, "
+            f"{args.layers} layers, random bf16 weights; batch {args.batch}, prompt {args.prompt}, "
             f"{args.new_tokens} new tokens compiled / {args.eager_tokens} eager, greedy\n")
     print(head, flush=True)
     rows: list[str] = []
@@ -185,6 +189,16 @@ def main() -> None:
         reset_compiled(model)
         run(model, label + ", Triton GEMV", args, rows)
         cuda_gemv.heuristic = heuristic
+        launch._cached_config.cache_clear()
+    if args.compare_triton_mma:  # the same model, 2-16 rows on the Triton kernels (the CUDA mma switched off)
+        from effllm_kernels.spqr import cuda_mma, launch
+
+        heuristic = cuda_mma.heuristic
+        cuda_mma.heuristic = lambda t, m, sms: None
+        launch._cached_config.cache_clear()
+        reset_compiled(model)
+        run(model, label + ", Triton at 2-16 rows", args, rows)
+        cuda_mma.heuristic = heuristic
         launch._cached_config.cache_clear()
     if args.compare_fused_prefill:  # every M on the fused kernels: what prefill cost before the dequantize path
         from effllm_kernels.spqr import launch

@@ -100,7 +100,7 @@ def grid(t, cfg: CudaMmaConfig, sms: int) -> tuple[int, int]:
 
 
 def heuristic(t, m: int, sms: int) -> CudaMmaConfig | None:
-    """The launch for batch ``m``, or None where another kernel was faster (H200 sweep, 2026-11-29 17:35
+    """The launch for batch ``m``, or None where another kernel was faster (H200 sweep, 2026-11-29 16:25
     UTC, BENCHMARKS.md "The CUDA tensor-core kernel for 2-16 rows"): 2-16 rows, except layers of fewer
     than 2048 output rows at M = 2-3 (1024x4096: 10.3 us against the CUDA GEMV's 6.6 at M = 2) and, at
     M = 2, the layers the CUDA GEMV counts as large (more than 4 one-step blocks per SM: level there,
