@@ -190,14 +190,14 @@ def main() -> None:
         run(model, label + ", Triton GEMV", args, rows)
         cuda_gemv.heuristic = heuristic
         launch._cached_config.cache_clear()
-    if args.compare_triton_mma:  # the same model, 2-16 rows on the Triton kernels (the CUDA mma switched off)
+    if args.compare_triton_mma:  # the same model with the CUDA tensor-core kernel switched off (what served before)
         from effllm_kernels.spqr import cuda_mma, launch
 
         heuristic = cuda_mma.heuristic
         cuda_mma.heuristic = lambda t, m, sms: None
         launch._cached_config.cache_clear()
         reset_compiled(model)
-        run(model, label + ", Triton at 2-16 rows", args, rows)
+        run(model, label + ", CUDA tensor-core kernel off", args, rows)
         cuda_mma.heuristic = heuristic
         launch._cached_config.cache_clear()
     if args.compare_fused_prefill:  # every M on the fused kernels: what prefill cost before the dequantize path

@@ -17,7 +17,7 @@ units x 16 rows. The activations are staged per block in shared memory as fp16 p
 (unit, activation row, 16 pairs), swizzled so that the quads' 16-byte reads never share a bank.
 
 A block owns 128 rows (8 warps x 16) and a K range of whole 512-column buckets (``units`` units at
-most); warps load step j + 1 (code words and first-level statistics words of their rows) before the
+most, fewer where :func:`grid` spreads K over more blocks); warps load step j + 1 (code words and first-level statistics words of their rows) before the
 math of step j. Per call a small kernel first writes x through ``perm`` as the scaled fp16 pairs the
 blocks copy (cp.async) into shared memory. The weights are decoded scaled by WS = 2**8 and the
 activations by 2**-8 (:data:`.pair_asm.BF16_SCALE`), so the fp32 products need no rescale and scales
@@ -50,7 +50,7 @@ WS = 256.0
 
 @dataclass(frozen=True)
 class CudaMmaConfig:
-    """Units per block at most (a multiple of the 16 units of an outlier bucket; shared memory bounds it),
+    """Units per block at most (whole 16-unit outlier buckets; 48 KB of shared memory bounds it at 32),
     minimum resident blocks per SM (launch bounds), the blocks per SM the K split aims at, steps the
     loads run ahead of the math (registers: a ring of ``prefetch + 1`` steps), outliers per row and bucket
     loaded before the K loop."""
@@ -62,8 +62,9 @@ class CudaMmaConfig:
     out_batch: int = 4
 
     def __post_init__(self) -> None:
-        if self.units < 16 or self.units % (BUCKET // 32) or min(self.min_blocks, self.prefetch, self.out_batch) < 1 or self.per_sm <= 0:
-            raise ValueError(f"CudaMmaConfig: {self} (units a multiple of {BUCKET // 32}, min_blocks, prefetch, out_batch >= 1, per_sm > 0)")
+        if (self.units not in (16, 32) or min(self.min_blocks, self.prefetch, self.out_batch) < 1
+                or self.per_sm <= 0):  # 48 units do not fit 48 KB of shared memory at 16 rows
+            raise ValueError(f"CudaMmaConfig: {self} (units 16 or 32, min_blocks, prefetch, out_batch >= 1, per_sm > 0)")
 
 
 def n_tiles(m: int) -> int:
@@ -102,11 +103,11 @@ def grid(t, cfg: CudaMmaConfig, sms: int) -> tuple[int, int]:
 def heuristic(t, m: int, sms: int) -> CudaMmaConfig | None:
     """The launch for batch ``m``, or None where another kernel was faster (H200 sweep, 2026-11-29 16:25
     UTC, BENCHMARKS.md "The CUDA tensor-core kernel for 2-16 rows"): 2-16 rows, except layers of fewer
-    than 2048 output rows at M = 2-3 (1024x4096: 10.3 us against the CUDA GEMV's 6.6 at M = 2) and, at
-    M = 2, the layers the CUDA GEMV counts as large (more than 4 one-step blocks per SM: level there,
-    28.6 / 29.5 us against 28.1 / 28.7 on 14336x4096 / 4096x14336). The defaults: 32 units per block,
-    ~2 blocks per SM, loads one step ahead (deeper prefetch and 16-unit blocks were not faster)."""
-    if not 2 <= m <= MAX_M or (m <= 3 and t.out_features < 2048):
+    than 2048 x 4096 weights at M = 2-3 (1024x4096: 10.3 us against the CUDA GEMV's 6.6-6.8 at M = 2) and,
+    at M = 2, the layers the CUDA GEMV counts as large (more than 4 one-step blocks per SM: level there,
+    28.6 / 29.5 us against 28.1 / 28.7 on 14336x4096 / 4096x14336). The defaults: up to 32 units per
+    block, ~2 blocks per SM, loads one step ahead (deeper prefetch and 16-unit blocks were not faster)."""
+    if not 2 <= m <= MAX_M or (m <= 3 and t.out_features * t.in_features < 2048 * 4096):
         return None
     if m == 2:
         gemv = cuda_gemv.CudaGemvConfig()

@@ -16,7 +16,8 @@ from effllm_kernels.spqr.pair_asm import BF16_SCALE
 from effllm_kernels.spqr.repack import SpqrKernelTensors, repack
 from effllm_kernels.spqr.scratch import x_scratch
 
-#: Largest M served by the GEMV kernel (one pass per activation row); above it the tensor-core kernel.
+#: Largest M served by the GEMV kernels (one pass per activation row); above it the tensor-core kernels (for
+#: bf16 on CUDA the CUDA tensor-core kernel also takes some of M = 2-3: pick_config).
 #: H200 (2026-11-29 06:04, table in BENCHMARKS.md; the GEMV's configuration before the 06:05 re-tune):
 #: at M = 3 the GEMV takes 17.8 / 53.0 / 61.7 us on 4096x4096 / 14336x4096 / 4096x14336, the fp16
 #: tensor-core kernel at M = 4 29.5 / 57.9 / 56.5 us (ahead only on 4096x14336).

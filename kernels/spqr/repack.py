@@ -21,7 +21,7 @@ to the padding of a ragged last unit, its size; each is an exact rearrangement o
   zero-point) planes of one group are contiguous over the second-level blocks of neighbouring rows.
 - the CSR outliers and the permutation are unchanged; on CUDA the layer also gets a bucketed copy
   of its outliers, ``outlier_buckets`` (:func:`effllm_kernels.spqr.cuda_gemv.outlier_buckets`: one
-  32-bit word per outlier plus row pointers per 128-row tile and 512 columns), which the CUDA GEMV reads.
+  32-bit word per outlier plus row pointers per 128-row tile and 512 columns), which the CUDA kernels read.
 
 :func:`unpack` inverts :func:`repack` bit-exactly, so a module that holds the repacked tensors
 still saves the stored format.
@@ -176,7 +176,7 @@ def unpack_field(name: str, value: torch.Tensor | None, meta: dict[str, int]) ->
 
 
 def buckets_for(t: SpqrTensors | SpqrKernelTensors) -> torch.Tensor | None:
-    """The bucketed outliers the CUDA GEMV reads, for a layer on CUDA with outliers (else None)."""
+    """The bucketed outliers the CUDA kernels read, for a layer on CUDA with outliers (else None)."""
     if not t.outlier_val.is_cuda or t.nnz == 0:
         return None
     from effllm_kernels.spqr.cuda_gemv import outlier_buckets

@@ -710,9 +710,9 @@ def test_cuda_mma_blocks_cover_every_unit_and_outlier_bucket_once_and_fit_shared
     with pytest.raises(ValueError):
         cuda_mma.CudaMmaConfig(units=24)
     with pytest.raises(ValueError):
+        cuda_mma.CudaMmaConfig(units=64)  # never fits 48 KB at 16 rows
+    with pytest.raises(ValueError):
         cuda_mma.CudaMmaConfig(prefetch=0)
-    with pytest.raises(ValueError, match="shared memory"):
-        cuda_mma.source(3, 3, 16, cuda_mma.CudaMmaConfig(units=64), 2, True, 0)
     per_bucket = BUCKET // 32
     for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096), (1000, 1100), (256, 2048), (512, 3000)):
         layer = SimpleNamespace(in_features=k, out_features=n)
@@ -735,6 +735,7 @@ def test_cuda_mma_blocks_cover_every_unit_and_outlier_bucket_once_and_fit_shared
                     built = cuda_mma.CudaMmaConfig(upb, cfg.min_blocks, cfg.per_sm, cfg.prefetch, cfg.out_batch)
                     assert cuda_mma.shared_bytes(built, cuda_mma.n_tiles(m), sb, sg) <= 48 * 1024
     assert cuda_mma.heuristic(SimpleNamespace(in_features=4096, out_features=1024), 2, 132) is None  # small, M = 2-3
+    assert cuda_mma.heuristic(SimpleNamespace(in_features=1024, out_features=4096), 3, 132) is None  # same size
     assert cuda_mma.heuristic(SimpleNamespace(in_features=4096, out_features=14336), 2, 132) is None  # large, M = 2
     assert cuda_mma.heuristic(SimpleNamespace(in_features=4096, out_features=14336), 3, 132) is not None
 
@@ -751,6 +752,8 @@ _CUDA_MMA_CASES = [
     (16, 4096, 14336, 3, 2, 16, True, 0.01, None, (16, 2, 4.0)),
     (2, 14336, 4096, 3, 4, 16, True, 0.01, torch.float16, (32, 1, 1.0)),
     (1, 1024, 4096, 4, 3, 16, True, 0.05, None, (16, 2, 8.0)),
+    (4, 4096, 512, 3, 3, 16, True, 0.02, torch.bfloat16, None),  # one K split: y written directly, with bias
+    (9, 4, 16, 3, 3, 16, True, 0.1, None, None),  # one unit, one group, 4 rows: every clamp
 ]
 
 
@@ -794,8 +797,12 @@ def test_cuda_gemv_is_the_bf16_decode_default_and_falls_back_on_gpu(monkeypatch:
     assert_close_to_reference(run_kernel(x, kt), x, t)
     assert calls == [1]  # the default ran the CUDA GEMV
     triton = run_kernel(x, kt, None, pick_config(1, kt, dev, torch.bfloat16, cuda=False))
-    kt.outlier_buckets = None  # a layer without the bucketed copy: the Triton GEMV serves, same bits
+    x4 = torch.randn(4, 4096, device="cuda").bfloat16()
+    triton4 = run_kernel(x4, kt, None, pick_config(4, kt, dev, torch.bfloat16, cuda=False))
+    assert_close_to_reference(run_kernel(x4, kt), x4, t)  # the CUDA tensor-core kernel
+    kt.outlier_buckets = None  # a layer without the bucketed copy: the Triton kernels serve, same bits
     assert torch.equal(run_kernel(x, kt), triton) and calls == [1]
+    assert torch.equal(run_kernel(x4, kt), triton4)
 
 
 @pytest.mark.gpu
