@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -301,8 +303,13 @@ def eval_ppl(
                            reporter=RichReporter(ui), allow_beyond_max=allow_beyond_max)
         ppl = res["metrics"]["ppl"]
         plain = f"ppl {ppl:.4f}" + (f"  kld {res['metrics']['kld']:.5f}" if kld_base else "")
-        _gated_result(ui, res, plain, "max_ppl", max_ppl, failed=max_ppl is not None and ppl > max_ppl,
-                      message=f"perplexity {ppl:.4f} exceeds --max-ppl {max_ppl}")
+        finite = math.isfinite(ppl)
+        if not finite:  # NaN / inf: broken weights or an overflow, never a passing measurement
+            logging.getLogger("effllm").warning("the perplexity is not finite (%s): the model produced NaN or "
+                                                "infinite losses", ppl)
+        _gated_result(ui, res, plain, "max_ppl", max_ppl, failed=max_ppl is not None and not (finite and ppl <= max_ppl),
+                      message=(f"perplexity {ppl:.4f} exceeds --max-ppl {max_ppl}" if finite
+                               else f"perplexity is not finite ({ppl}); --max-ppl {max_ppl} fails"))
 
     _finish(run_guarded(ui, body))
 

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import sys
 import traceback
@@ -48,6 +49,18 @@ def effllm_version() -> str:
         return "unknown"
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf: not JSON) replaced by None, so that stdout under
+    ``--json`` parses in every JSON reader, not only Python's and jq's."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 class Ui:
     """Per-invocation output settings: verbosity, JSON mode, the stderr console."""
 
@@ -85,7 +98,7 @@ class Ui:
         if self.json_mode:
             obj = {"schema": SCHEMA, "effllm_version": effllm_version(), "command": self.command, "status": status,
                    **payload}
-            sys.stdout.write(json.dumps(obj, default=str) + "\n")
+            sys.stdout.write(json.dumps(strict_json(obj), default=str, allow_nan=False) + "\n")
         elif plain is not None:
             sys.stdout.write(plain + "\n")
         sys.stdout.flush()

@@ -217,7 +217,14 @@ def run_recipe(recipe: Recipe, *, device: str = "auto", dtype: str | None = None
         for i, stage in enumerate(recipe.stages):
             reporter.info(f"stage {i}: {stage.method}")
             t = time.perf_counter()
-            result = stage.spec.apply(ctx, stage.config)
+            try:
+                result = stage.spec.apply(ctx, stage.config)
+            except BaseException:  # Ctrl-C, SIGTERM, a crash: the finished layers' state stays for --resume
+                if state_dir.is_dir() and any(state_dir.iterdir()):
+                    logging.getLogger("effllm").warning(
+                        "the finished layers' calibration state is kept in %s: the same command with --resume "
+                        "continues from it (delete the folder to start over)", state_dir)
+                raise
             for key in ("quantized_modules", "pruned_modules"):
                 if result.metrics.get(key) == 0:
                     raise BadInputError(f"{stage.method}: no linear layer was changed (does `ignore` match them all?)")

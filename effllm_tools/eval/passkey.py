@@ -138,7 +138,8 @@ def run_eval_passkey(model: str, *, lengths: list[int], depths: list[float], tri
     if trials < 1:
         raise BadInputError(f"--trials must be at least 1, got {trials}")
     if any(n < 64 for n in lengths):
-        raise BadInputError(f"--lengths: every length must be at least 64 tokens, got {min(lengths)}")
+        raise BadInputError(f"--lengths {min(lengths)}: too short (a length must hold the intro, needle, question and "
+                            "answer: at least 64 tokens, the exact minimum for the tokenizer is checked after loading)")
     if bad := [d for d in depths if not 0.0 <= d <= 1.0]:
         raise BadInputError(f"--depths: every depth must lie in [0, 1], got {bad[0]:g}")
     device = resolve_device(device)

@@ -75,6 +75,35 @@ def test_max_ppl_gate_exits_5(tiny_llama, sample_text):
     assert "exceeds --max-ppl" in proc.stderr
 
 
+def test_non_finite_perplexity_fails_the_gate_and_json_stays_strict(tiny_llama, sample_text, tmp_path):
+    """Broken weights (a NaN in the LM head) give a NaN perplexity: a warning, --max-ppl fails (exit 5),
+    and --json prints strict JSON (null, not the bare NaN that JSON readers other than Python's reject)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama, broken)
+    weights = next(broken.glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = next(k for k in tensors if "embed" in k or "lm_head" in k)
+    tensors[name][0, 0] = float("nan")
+    tensors[name][:, 0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    proc = run_cli("eval-ppl", str(broken), "--dataset", str(sample_text), "--seqlen", "64", "--max-tokens", "256",
+                   "--max-ppl", "1000", "--json")
+    assert proc.returncode == 5, proc.stderr
+    assert "not finite" in proc.stderr
+
+    def no_constants(token: str):
+        raise AssertionError(f"non-standard JSON constant {token} on stdout")
+
+    res = json.loads(proc.stdout, parse_constant=no_constants)
+    assert res["metrics"]["ppl"] is None and res["status"] == "gate_failed" and res["exit_code"] == 5
+    plain = run_cli("eval-ppl", str(broken), "--dataset", str(sample_text), "--seqlen", "64", "--max-tokens", "256")
+    assert plain.returncode == 0 and "not finite" in plain.stderr  # no gate: the measurement, with a warning
+
+
 def test_dry_run_writes_nothing(tiny_llama, tmp_path):
     out = tmp_path / "never"
     proc = run_cli("quantize", str(tiny_llama), "-o", str(out), "--dry-run", "--json")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,3 +98,34 @@ def test_bad_keys_are_refused(key, value):
 
     with pytest.raises(BadInputError, match=key if key != "ignore" else "regex"):
         GPTQConfig(**{key: value}).validate()
+
+
+def test_interrupted_calibration_says_where_its_resume_state_is(tmp_path, tiny_llama, sample_text, monkeypatch, caplog):
+    """Ctrl-C after some layers: no output, and one warning naming the kept per-layer state and --resume
+    (the CLI's own line says only that no output was written)."""
+    import logging
+
+    import effllm_tools.methods.common as common
+    from effllm_tools.recipe import load_recipe_file
+    from effllm_tools.runner import run_recipe
+
+    real = common.run_layerwise
+
+    def interrupted(model, ids, on_layer, **kw):
+        def stop(lctx):
+            if lctx.index == 1:
+                raise KeyboardInterrupt
+            on_layer(lctx)
+
+        return real(model, ids, stop, **kw)
+
+    monkeypatch.setattr(common, "run_layerwise", interrupted)
+    path = Path(__file__).parents[2] / "recipes" / "gptq-4bit-g128.yaml"
+    out = tmp_path / "q"
+    recipe = load_recipe_file(path, [f"model={tiny_llama}", f"calibration.dataset={sample_text}",
+                                     "calibration.nsamples=4", "calibration.seqlen=32", f"output.path={out}"])
+    with caplog.at_level(logging.WARNING, logger="effllm"), pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, device="cpu")
+    state = tmp_path / ".q.state"
+    assert not out.exists() and state.is_dir() and any(state.iterdir())
+    assert any(str(state) in r.getMessage() and "--resume" in r.getMessage() for r in caplog.records)
