@@ -96,7 +96,7 @@ def passkey_trials(model: Any, hay: Haystack, *, lengths: list[int], depths: lis
     for length, depth, _ in reporter.progress_iter(plan, "eval-passkey", total=len(plan)):
         prompt = passkey_prompt(hay, length - budget, depth, rng)
         new = greedy_decode(model, prompt.input_ids, budget, device)
-        text = hay.tokenizer.decode(new)
+        text = hay.tokenizer.decode(new, skip_special_tokens=True)  # no end-of-turn marker in the records
         records.append({"length": length, "depth": depth, "answer": prompt.answer, "output": text,
                         "prompt_tokens": int(prompt.input_ids.numel()), "new_tokens": len(new),
                         "needle_position": prompt.position, "correct": judge(text, prompt.answer)})
