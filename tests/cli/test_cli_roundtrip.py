@@ -112,6 +112,9 @@ def test_dry_run_writes_nothing(tiny_llama, tmp_path):
     assert plan["matched_linear_modules"] == 14 and plan["stages"][0]["method"] == "rtn"
     assert not out.exists()
     assert plan["parameters"] == stored_parameters(tiny_llama)
+    text = run_cli("prune", "--method", "wanda", str(tiny_llama), "-o", str(out), "--dry-run").stdout
+    assert "stage 0: wanda " in text and "calibration: dataset=" in text and f"output: {out}" in text
+    assert "{" not in text and "True" not in text  # key=value, as a recipe spells it; no Python reprs
 
 
 def stored_parameters(path) -> int:
@@ -141,7 +144,8 @@ def test_run_recipe_with_set_and_inspect(tiny_llama, tmp_path):
     assert proc.returncode == 0, proc.stderr
     info = parse_json_stdout(run_cli("inspect", str(out), "--json"))
     assert info["methods"] == ["rtn"] and info["quantization"]["bits"] == [3]
-    assert "rtn" in run_cli("inspect", str(out)).stdout
+    report = run_cli("inspect", str(out)).stdout
+    assert "rtn" in report and "avg_bits=" in report and "{" not in report  # key=value, no Python reprs
 
 
 def test_output_loads_in_transformers_and_matches_dequantized_weights(tiny_llama, tmp_path):
