@@ -149,6 +149,22 @@ def reset_compiled(model) -> None:
     torch._dynamo.reset()
 
 
+def run_without(kernel_module, model: nn.Module, label: str, args: argparse.Namespace, rows: list[str]) -> None:
+    """:func:`run` with one CUDA kernel's launch heuristic (``kernel_module.heuristic``) declining every
+    layer, so the kernels it replaced serve; restored afterwards."""
+    from effllm_kernels.spqr import launch
+
+    heuristic = kernel_module.heuristic
+    kernel_module.heuristic = lambda t, m, sms: None
+    launch._cached_config.cache_clear()
+    try:
+        reset_compiled(model)
+        run(model, label, args, rows)
+    finally:
+        kernel_module.heuristic = heuristic
+        launch._cached_config.cache_clear()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=32)
@@ -180,26 +196,12 @@ def main() -> None:
     n = to_spqr(model, args.outliers)
     label = f"SpQR 3/3/16/16, {args.outliers:.0%} outliers ({n} linears)"
     run(model, label, args, rows)
+    from effllm_kernels.spqr import cuda_gemv, cuda_mma
+
     if args.compare_triton_gemv:  # the same model, decode on the Triton GEMV (the CUDA GEMV's fallback)
-        from effllm_kernels.spqr import cuda_gemv, launch
-
-        heuristic = cuda_gemv.heuristic
-        cuda_gemv.heuristic = lambda t, m, sms: None
-        launch._cached_config.cache_clear()
-        reset_compiled(model)
-        run(model, label + ", Triton GEMV", args, rows)
-        cuda_gemv.heuristic = heuristic
-        launch._cached_config.cache_clear()
+        run_without(cuda_gemv, model, label + ", Triton GEMV", args, rows)
     if args.compare_triton_mma:  # the same model with the CUDA tensor-core kernel switched off (what served before)
-        from effllm_kernels.spqr import cuda_mma, launch
-
-        heuristic = cuda_mma.heuristic
-        cuda_mma.heuristic = lambda t, m, sms: None
-        launch._cached_config.cache_clear()
-        reset_compiled(model)
-        run(model, label + ", CUDA tensor-core kernel off", args, rows)
-        cuda_mma.heuristic = heuristic
-        launch._cached_config.cache_clear()
+        run_without(cuda_mma, model, label + ", CUDA tensor-core kernel off", args, rows)
     if args.compare_fused_prefill:  # every M on the fused kernels: what prefill cost before the dequantize path
         from effllm_kernels.spqr import launch
 

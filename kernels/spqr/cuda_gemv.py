@@ -499,21 +499,37 @@ class CompileError(RuntimeError):
 @functools.lru_cache(maxsize=64)
 def _kernel(bits: int, stat_bits: int, stat_group: int, cfg: CudaGemvConfig, has_perm: bool, has_out: bool,
             bias: int, device_index: int):
-    try:
-        with torch.cuda.device(device_index):
-            return torch.cuda._compile_kernel(source(bits, stat_bits, stat_group, cfg, has_perm, has_out, bias),
-                                              "spqr_gemv_cuda")
-    except Exception as exc:  # noqa: BLE001 - any NVRTC / driver failure: report once, use Triton
-        raise CompileError(f"spqr CUDA GEMV: NVRTC build failed ({str(exc).splitlines()[0][:200]})") from exc
+    (kern,) = build(source(bits, stat_bits, stat_group, cfg, has_perm, has_out, bias), ("spqr_gemv_cuda",),
+                    device_index, "spqr CUDA GEMV")
+    return kern
 
 
-#: The first build failure of this process, if any: from then on the Triton GEMV serves.
+#: The first build failure of this process, if any: from then on the Triton kernels serve.
 _FAILED: list[str] = []
 
 
 def usable() -> bool:
-    """False once a build failed in this process (then the Triton GEMV serves)."""
+    """False once a build of either CUDA kernel failed in this process (then the Triton kernels serve)."""
     return not _FAILED
+
+
+def build(src: str, names: tuple[str, ...], device_index: int, what: str) -> tuple:
+    """The kernels ``names`` of ``src`` built by NVRTC on that device; on failure the first one of the
+    process is logged and recorded (:func:`usable`) and :class:`CompileError` raised."""
+    try:
+        with torch.cuda.device(device_index):
+            return tuple(torch.cuda._compile_kernel(src, name) for name in names)
+    except Exception as exc:  # noqa: BLE001 - any NVRTC / driver failure: report once, use Triton
+        err = CompileError(f"{what}: NVRTC build failed ({str(exc).splitlines()[0][:200]})")
+        if usable():
+            log.warning("%s; the Triton kernels serve instead", err)
+            _FAILED.append(str(err))
+        raise err from exc
+
+
+def one_step_blocks(t, cfg: CudaGemvConfig) -> int:
+    """Blocks of one K step each that ``t`` would take (the GEMV's measure of a layer's size)."""
+    return -(-t.out_features // ROWS) * -(-t.in_features // (32 * cfg.warps * cfg.units))
 
 
 def grid(t, cfg: CudaGemvConfig, sms: int, m: int = 1) -> tuple[int, int]:
@@ -537,11 +553,11 @@ def heuristic(t, m: int, sms: int) -> CudaGemvConfig | None:
     runs one step per block (most blocks, least latency), a larger one up to 8 steps per block at ~2
     blocks per SM. At M = 3 the small layers stay on Triton."""
     cfg = CudaGemvConfig()
-    one_step_blocks = -(-t.out_features // ROWS) * -(-t.in_features // (32 * cfg.warps * cfg.units))
-    if one_step_blocks <= 4 * sms:
+    blocks = one_step_blocks(t, cfg)
+    if blocks <= 4 * sms:
         if m >= 3:
             return None
-        if one_step_blocks * m <= 4 * sms:
+        if blocks * m <= 4 * sms:
             return replace(cfg, max_steps=1, per_sm=4.0)
     return cfg
 
@@ -567,14 +583,8 @@ def launch(x2: torch.Tensor, t, bias: torch.Tensor | None, y: torch.Tensor, cfg:
     # shared memory and the prologue's loops are sized for max_steps: build for the steps this call takes
     cfg = replace(cfg, max_steps=min(cfg.max_steps, 1 << (steps - 1).bit_length()))
     tiles = -(-n // ROWS)
-    try:
-        kern = _kernel(t.bits, t.stat_bits, 16 if fp16_stats else t.stat_group, cfg, t.perm is not None,
-                       t.nnz > 0, 0 if bias is None else BIAS_CODES[bias.dtype], x2.device.index or 0)
-    except CompileError as exc:
-        if usable():
-            log.warning("%s; the Triton GEMV serves instead", exc)
-            _FAILED.append(str(exc))
-        raise
+    kern = _kernel(t.bits, t.stat_bits, 16 if fp16_stats else t.stat_group, cfg, t.perm is not None,
+                   t.nnz > 0, 0 if bias is None else BIAS_CODES[bias.dtype], x2.device.index or 0)
     if split > 1:
         ws, cnt = SCRATCH.get(x2.device, split * m * n, tiles * m)
     else:
@@ -591,5 +601,5 @@ def launch(x2: torch.Tensor, t, bias: torch.Tensor | None, y: torch.Tensor, cfg:
         kern(grid=(tiles, split, m), block=(32 * cfg.warps, 1, 1), args=args)
 
 
-__all__ = ["BIAS_CODES", "BUCKET", "CompileError", "CudaGemvConfig", "grid", "heuristic", "launch", "outlier_buckets",
+__all__ = ["BIAS_CODES", "BUCKET", "CompileError", "CudaGemvConfig", "build", "grid", "heuristic", "launch", "one_step_blocks", "outlier_buckets",
            "pair_macros", "pairs_per_half", "scratch_need", "shared_bytes", "source", "unsupported_reason", "usable"]

@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from effllm_kernels.spqr import cuda_gemv
-from effllm_kernels.spqr.cuda_gemv import _PAIR_MACROS, BIAS_CODES, BUCKET, COMMON_C, ROWS, CompileError
+from effllm_kernels.spqr.cuda_gemv import _PAIR_MACROS, BIAS_CODES, BUCKET, COMMON_C, ROWS
 from effllm_kernels.spqr.layout import STAT_FP16
 from effllm_kernels.spqr.pair_asm import BF16_SCALE, MAGIC, _direct_slots, _f16x2, pair_layout
 
@@ -109,11 +109,8 @@ def heuristic(t, m: int, sms: int) -> CudaMmaConfig | None:
     block, ~2 blocks per SM, loads one step ahead (deeper prefetch and 16-unit blocks were not faster)."""
     if not 2 <= m <= MAX_M or (m <= 3 and t.out_features * t.in_features < 2048 * 4096):
         return None
-    if m == 2:
-        gemv = cuda_gemv.CudaGemvConfig()
-        one_step_blocks = -(-t.out_features // ROWS) * -(-t.in_features // (32 * gemv.warps * gemv.units))
-        if one_step_blocks > 4 * sms:
-            return None
+    if m == 2 and cuda_gemv.one_step_blocks(t, cuda_gemv.CudaGemvConfig()) > 4 * sms:
+        return None
     return CudaMmaConfig()
 
 
@@ -490,17 +487,13 @@ spqr_mma_cuda(const uint4* __restrict__ xp, const u32* __restrict__ qw, const u3
 @functools.lru_cache(maxsize=64)
 def _kernels(bits: int, stat_bits: int, stat_group: int, cfg: CudaMmaConfig, nt: int, has_out: bool, bias: int,
              device_index: int):
-    src = source(bits, stat_bits, stat_group, cfg, nt, has_out, bias)
-    try:
-        with torch.cuda.device(device_index):
-            return (torch.cuda._compile_kernel(src, "spqr_mma_xprep"), torch.cuda._compile_kernel(src, "spqr_mma_cuda"))
-    except Exception as exc:  # noqa: BLE001 - any NVRTC / driver failure: report once, use Triton
-        raise CompileError(f"spqr CUDA mma: NVRTC build failed ({str(exc).splitlines()[0][:200]})") from exc
+    return cuda_gemv.build(source(bits, stat_bits, stat_group, cfg, nt, has_out, bias),
+                           ("spqr_mma_xprep", "spqr_mma_cuda"), device_index, "spqr CUDA mma")
 
 
 def launch(x2: torch.Tensor, t, bias: torch.Tensor | None, y: torch.Tensor, cfg: CudaMmaConfig, sms: int) -> None:
     """y [M, N] = x2 [M, K] (bf16, rows contiguous, M <= MAX_M) @ W_s^T (+ bias) for the kernel layout
-    ``t`` (with its ``outlier_buckets``) on a device of ``sms`` SMs. Raises :class:`CompileError` when
+    ``t`` (with its ``outlier_buckets``) on a device of ``sms`` SMs. Raises :class:`.cuda_gemv.CompileError` when
     NVRTC cannot build the kernels."""
     from effllm_kernels.splitk import SCRATCH
 
@@ -514,14 +507,8 @@ def launch(x2: torch.Tensor, t, bias: torch.Tensor | None, y: torch.Tensor, cfg:
     cfg_b = replace(cfg, units=upb)  # shared memory and the staging loop sized for the units a block takes
     tiles = -(-n // ROWS)
     n_units = -(-k // 32)
-    try:
-        prep, kern = _kernels(t.bits, t.stat_bits, 16 if fp16_stats else t.stat_group, cfg_b, nt, t.nnz > 0,
-                              0 if bias is None else BIAS_CODES[bias.dtype], x2.device.index or 0)
-    except CompileError as exc:
-        if cuda_gemv.usable():
-            cuda_gemv.log.warning("%s; the Triton kernels serve instead", exc)
-            cuda_gemv._FAILED.append(str(exc))
-        raise
+    prep, kern = _kernels(t.bits, t.stat_bits, 16 if fp16_stats else t.stat_group, cfg_b, nt, t.nnz > 0,
+                          0 if bias is None else BIAS_CODES[bias.dtype], x2.device.index or 0)
     xp = torch.empty(n_units * 8 * nt * 16, dtype=torch.int32, device=x2.device)
     if split > 1:
         ws, cnt = SCRATCH.get(x2.device, split * m * n, tiles)

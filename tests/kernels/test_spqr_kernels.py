@@ -10,6 +10,7 @@ most twice the error of torch doing the same math in the activation dtype (fp32:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from types import SimpleNamespace
 
@@ -697,6 +698,29 @@ def test_cuda_mma_decode_fills_the_mma_operands_like_the_pair_decode(bits: int) 
             want = emulate_decode(asm, ops)  # 32 fp16: codes a / b of pair p at 2p / 2p + 1
             for p in range(16):
                 assert got[p >> 1][(p & 1) * 2 + r] == _pack(want[2 * p], want[2 * p + 1]), (bits, r, p)
+
+
+def test_a_failed_cuda_build_is_reported_once_and_switches_both_cuda_kernels_off(monkeypatch, caplog) -> None:
+    """cuda_gemv.build (both CUDA kernels build through it): any NVRTC / driver failure becomes one
+    CompileError, the first one of the process is logged once, and usable() turns False, so the launch
+    heuristics hand every layer to the Triton kernels."""
+    import logging
+
+    from effllm_kernels.spqr import cuda_gemv
+
+    monkeypatch.setattr(cuda_gemv, "_FAILED", [])
+
+    def broken(src, name):
+        raise RuntimeError("nvrtc: error: bad source\nmore")
+
+    monkeypatch.setattr(torch.cuda, "_compile_kernel", broken, raising=False)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+    with caplog.at_level(logging.WARNING, logger=cuda_gemv.log.name):
+        for _ in range(2):
+            with pytest.raises(cuda_gemv.CompileError, match="spqr test: NVRTC build failed .nvrtc: error: bad source."):
+                cuda_gemv.build("src", ("a", "b"), 0, "spqr test")
+    assert not cuda_gemv.usable() and len(cuda_gemv._FAILED) == 1
+    assert sum("Triton kernels serve instead" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_cuda_mma_blocks_cover_every_unit_and_outlier_bucket_once_and_fit_shared_memory() -> None:
