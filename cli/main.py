@@ -141,22 +141,16 @@ def _compress(ui: Ui, verb: str, model: str, output: Path | None, method: str, s
     _execute(ui, recipe, device=device, dtype=dtype, dry_run=dry_run, resume=resume)
 
 
-def _settings(values: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
-    """``key=value`` pairs as a recipe spells them (true / false / null, lists in brackets)."""
-    import json as _json
-
-    return " ".join(f"{k}={v if isinstance(v, str) else _json.dumps(v)}" for k, v in values.items() if k not in skip)
-
-
 def _execute(ui: Ui, recipe: Any, *, device: str, dtype: str, dry_run: bool, resume: bool) -> None:
+    from effllm_tools.reporting import key_values
     from effllm_tools.runner import plan_recipe, run_recipe
 
     if dry_run:
         plan = plan_recipe(recipe)
         lines = [f"model: {plan['model']['spec']} ({plan['model_type']}, {plan['parameters'] / 1e6:.1f}M parameters)"]
-        lines += [f"stage {i}: {st['method']} {_settings(st, skip=('method',))}" for i, st in enumerate(plan["stages"])]
+        lines += [f"stage {i}: {st['method']} {key_values(st, skip=('method',))}" for i, st in enumerate(plan["stages"])]
         if plan.get("calibration"):
-            lines.append(f"calibration: {_settings(plan['calibration'])}")
+            lines.append(f"calibration: {key_values(plan['calibration'])}")
         lines.append(f"matched linear modules: {plan['matched_linear_modules']}")
         lines.append(f"estimated host memory: {plan['estimated_host_memory_gb']} GB")
         if recipe.output.get("path"):

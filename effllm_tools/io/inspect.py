@@ -10,6 +10,7 @@ from typing import Any
 from effllm_tools.errors import BadInputError
 from effllm_tools.io.headers import read_safetensors_header
 from effllm_tools.io.save import PROVENANCE_FILE
+from effllm_tools.reporting import key_values, text_value
 
 
 def _json_object(f: Path) -> dict[str, Any]:
@@ -117,22 +118,6 @@ def _render_sparsity(s: dict[str, Any] | None) -> str:
     return line
 
 
-def _value(v: Any) -> str:
-    """One value as the text report writes it: floats to 6 significant digits, lists comma-separated."""
-    if isinstance(v, bool) or v is None:
-        return str(v).lower() if v is not None else "null"
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
-    return str(v)
-
-
-def _pairs(d: dict[str, Any] | None) -> str:
-    """``key=value`` pairs of a mapping (the text report; --json keeps the mapping itself)."""
-    return " ".join(f"{k}={_value(v)}" for k, v in (d or {}).items())
-
-
 def render_inspection(info: dict[str, Any]) -> str:
     q = info["quantization"]
     rope = info["rope_scaling"]
@@ -140,14 +125,14 @@ def render_inspection(info: dict[str, Any]) -> str:
         f"path:        {info['path']}",
         f"model:       {info['model_type']} ({', '.join(info['architectures'] or []) or 'no architectures'})",
         f"methods:     {', '.join(info['methods']) or 'none recorded'}",
-        (f"quantized:   {q['modules']} modules, bits {_value(q['bits'])}, formats {', '.join(q['formats'])}"
+        (f"quantized:   {q['modules']} modules, bits {text_value(q['bits'])}, formats {', '.join(q['formats'])}"
          + (f", {q['avg_bits']:.4f} average bits per parameter" if q.get("avg_bits") is not None else "")
          if q else "quantized:   no"),
-        f"metrics:     {_pairs(info['metrics'])}" if info["metrics"] else "metrics:     none recorded",
+        f"metrics:     {key_values(info['metrics'])}" if info["metrics"] else "metrics:     none recorded",
         _render_sparsity(info.get("sparsity")),
-        f"rope:        {_pairs(rope) if isinstance(rope, dict) else rope} (max positions {info['max_position_embeddings']})",
+        f"rope:        {key_values(rope) if isinstance(rope, dict) else rope} (max positions {info['max_position_embeddings']})",
         f"size:        {info['size_bytes'] / 1e6:.1f} MB in {len(info['files'])} file(s), {info['tensors']} tensors "
-        f"({_pairs(info['tensor_dtypes'])})",
+        f"({key_values(info['tensor_dtypes'])})",
     ]
     p = info["provenance"]
     if p:
