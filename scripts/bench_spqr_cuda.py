@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The CUDA GEMV of ``spqr`` layers (kernels/spqr/cuda_gemv.py) against the Triton fp16x2 GEMV and bf16
+"""The CUDA GEMV of ``spqr`` layers (effllm_kernels/spqr/cuda_gemv.py) against the Triton fp16x2 GEMV and bf16
 ``F.linear`` in one run, by the protocol of bench_spqr_matmul.py: every case is first checked against an
 fp64 reference on fresh inputs ("ok": error at most twice torch-bf16's), then timed by CUDA-graph replay
 over rotated input copies >= 480 MB, median of 20 replays, twice (the better median is reported).

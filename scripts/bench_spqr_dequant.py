@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Time the large-batch path's dequantization of a ``spqr`` layer on one CUDA GPU (kernels/spqr/triton_dequant.py).
+"""Time the large-batch path's dequantization of a ``spqr`` layer on one CUDA GPU (effllm_kernels/spqr/triton_dequant.py).
 
 Per Llama shape (3-bit codes and statistics, groups of 16, 1% outliers, random layers): the dense
 kernel alone (``outliers=False``), the dense kernel plus the outlier scatter (``launch.dequantize_triton``, what a call at

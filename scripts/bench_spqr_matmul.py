@@ -81,13 +81,13 @@ GEMV16_CANDIDATES = [(256, 2, 4, 4, 2, False, 1), (256, 2, 4, 4, 1, False, 1), (
                      # the 03:31 round's best on 14336 x 4096 (20.8 us, an earlier revision of the kernel)
                      (512, 1, 4, 4, 1, False, 1), (256, 2, 4, 4, 1, True, 1)]
 MMA_CANDIDATES = [(128, 2, 4, 3), (128, 2, 4, 2), (256, 2, 8, 2), (128, 4, 4, 3), (64, 2, 4, 3), (256, 2, 8, 3)]
-#: fp16 tensor-core candidates (kernels/spqr/triton_mma16.py; bf16 / fp16 activations, 2-4 bits, groups of 16):
+#: fp16 tensor-core candidates (effllm_kernels/spqr/triton_mma16.py; bf16 / fp16 activations, 2-4 bits, groups of 16):
 #: (block_n, units, num_warps, num_stages, rows per thread, prefetch depth, x cast on the host).
 MMA16_CANDIDATES = [(128, 2, 4, 1, 4, 1, True), (128, 2, 4, 1, 4, 1, False), (128, 4, 4, 1, 4, 1, True),
                     (256, 2, 8, 1, 4, 1, True), (128, 2, 4, 1, 4, 0, True), (128, 2, 4, 2, 4, 0, True),
                     (256, 4, 8, 1, 4, 1, True)]
 
-#: Dequantize-then-cuBLAS candidates (kernels/spqr/triton_dequant.py): (block_n, units, num_warps).
+#: Dequantize-then-cuBLAS candidates (effllm_kernels/spqr/triton_dequant.py): (block_n, units, num_warps).
 DEQUANT_CANDIDATES = [(64, 4, 4), (128, 2, 4), (32, 4, 2)]
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import REPO
 
-MAPPING = {"effllm_cli": "cli", "effllm_tools": "effllm_tools", "effllm_kernels": "kernels"}
+MAPPING = {"effllm_cli": "cli", "effllm_tools": "effllm_tools", "effllm_kernels": "effllm_kernels"}
 
 
 def test_every_package_folder_is_listed_in_pyproject():
@@ -23,17 +23,22 @@ def test_every_package_folder_is_listed_in_pyproject():
     assert listed == found
 
 
-def test_transformers_does_not_see_a_kernels_package_from_the_repository():
-    # The repository holds a folder named kernels/; with it as working directory (sys.path[0] == "")
-    # transformers must still report that Hugging Face's `kernels` package is absent.
+def test_no_folder_of_the_repository_shadows_hugging_faces_kernels_package():
+    # transformers (>= 5.2x requires Hugging Face's `kernels`) imports `kernels` at import time; with the
+    # repository as working directory (sys.path[0] == "") a folder of ours by that name would shadow it.
+    assert not (REPO / "kernels").exists()
     code = ("import effllm_tools, effllm_kernels, effllm_cli\n"
-            "from transformers.utils.import_utils import is_kernels_available\n"
-            "import importlib.util\n"
+            "import importlib.util, pathlib\n"
+            "import transformers.activations\n"
+            "from transformers import AutoConfig\n"
+            "spec = importlib.util.find_spec('kernels')\n"
+            "here = pathlib.Path.cwd().resolve()\n"
+            "assert spec is None or here not in pathlib.Path(spec.origin).resolve().parents, spec.origin\n"
             "assert effllm_kernels.__name__ == 'effllm_kernels'\n"
-            "print(is_kernels_available())")
+            "print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "False"
+    assert proc.stdout.strip() == "ok"
 
 
 def test_console_script_entry_point():

@@ -18,7 +18,7 @@
 #   lr-lift     LongRoPE2 (mixed documents) with init_scales 1.2, 1.4, 1.6, and with 16k-heavy documents
 #               (4 x 16k + 2 x 32k), as lr-final (two processes, ~8 min)
 #   lr-16       LongRoPE2 with 16k-heavy documents alone (lr-lift's second search, which did not finish there);
-#               LR16="longrope2-mixed16-yarn" for other variants
+#               LR16="longrope2-mixed16-yarn" for other variants, LR16_TRIALS=20 for lr-pk's 100 prompts per length
 #   lr-pk       base, pi, ntk, yarn and LongRoPE2 (the recipe's mixed documents, 64 x 14) with 20 passkey
 #               trials, a length counting prompt + answer (two processes); LRPK="longrope2-mixed longrope2-mixed16"
 #               adds the 16k-heavy search (three do not finish inside one call)
@@ -78,7 +78,7 @@ if want lr-lift; then  # LongRoPE2 (mixed documents) with extra starts above s, 
 fi
 if want lr-16; then  # LongRoPE2 with 16k-heavy documents (4 x 16k + 2 x 32k) alone, as lr-final's searches
     for m in ${LR16:-longrope2-mixed16}; do
-        bl "lr-$m" --methods "$m" --passkey-trials 8 --search-iterations 14 >"$t/lr-$m.log" 2>&1 &
+        bl "lr-$m" --methods "$m" --passkey-trials "${LR16_TRIALS:-8}" --search-iterations 14 >"$t/lr-$m.log" 2>&1 &
     done
 fi
 if want lr-pk; then  # passkey with the answer inside the length (100 prompts per length), searches as lr-final

@@ -8,7 +8,7 @@ if [ "${1:-}" = stage ]; then
     return 0 2>/dev/null || exit 0
 fi
 mkdir -p /tmp/shim
-ln -sfn "$PWD/kernels" /tmp/shim/effllm_kernels
+rm -f /tmp/shim/effllm_kernels  # a link an older checkout made
 ln -sfn "$PWD/cli" /tmp/shim/effllm_cli
 export PYTHONPATH=/tmp/shim:$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 EFFLLM_CACHE=/tmp/effcache

@@ -6,7 +6,7 @@
 #       sweep (bench_spqr_matmul --sweep at M=1, 2/3/4-bit), final (--sweep at M=1 for 3 bits, the
 #       3-bit M=16/64 and 4-bit M=1 rows by the heuristic), table (the full table, heuristic configs),
 #       decode (bench_spqr_decode, compiled, DECODE_ARGS),
-#       mma16 (the fp16 tensor-core kernel, kernels/spqr/triton_mma16.py: every candidate checked against the
+#       mma16 (the fp16 tensor-core kernel, effllm_kernels/spqr/triton_mma16.py: every candidate checked against the
 #       fp64 reference and timed at M=16/64 on the three Llama shapes against bf16, beside the heuristic's
 #       old tensor-core kernel; the table row of each case is its fastest candidate),
 #       variants (the heuristic's configuration against VARIANTS, e.g. "rows=2;prefetch=2", at VARIANT_MS),

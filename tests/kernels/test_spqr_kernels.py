@@ -527,7 +527,7 @@ def test_module_repacks_in_place_and_still_saves_the_stored_format(monkeypatch: 
     assert not fresh.kernel_layout and torch.equal(fresh.dequantized(), mod.dequantized())
 
 
-# --- the CUDA GEMV (kernels/spqr/cuda_gemv.py): its bucketed outliers and tables on the CPU, the
+# --- the CUDA GEMV (effllm_kernels/spqr/cuda_gemv.py): its bucketed outliers and tables on the CPU, the
 # kernel itself against the fp64 reference on a GPU
 
 @pytest.mark.parametrize("n,k,density,seed", [(300, 1100, 0.05, 3), (128, 512, 0.0, 4), (4, 2000, 0.3, 5),

@@ -12,7 +12,7 @@ import torch
 
 from effllm_tools.methods.longrope import rope
 from effllm_tools.methods.longrope.install import installed_rope
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 TINY_SEARCH = {"population": 4, "iterations": 2, "mutations": 2, "crossovers": 2, "parents": 2, "samples": 1,
                "eval_length": 600, "needles": 2}
@@ -87,7 +87,10 @@ def test_checkpoint_loads_in_plain_transformers_without_effllm(longrope2_out, tm
         "import sys, torch\n"
         "from transformers import AutoModelForCausalLM\n"
         f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()\n"
-        "assert not any(k.startswith(('effllm', 'kernels')) for k in sys.modules), 'effllm was imported'\n"
+        "assert not any(k.startswith('effllm') for k in sys.modules), 'effllm was imported'\n"
+        f"src = {[str(REPO / d) for d in ('cli', 'effllm_tools', 'effllm_kernels')]!r}\n"
+        "ours = [k for k, v in list(sys.modules.items()) if str(getattr(v, '__file__', '') or '').startswith(tuple(src))]\n"
+        "assert not ours, ours\n"
         "ids = torch.randint(0, 256, (1, 600))\n"
         "with torch.no_grad(): y = m(ids).logits\n"
         "assert torch.isfinite(y).all()\n"
