@@ -37,9 +37,14 @@ METHODS = ("base", "pi", "ntk", "yarn", "longrope", "longrope2", "longrope2-af1"
 # Rows that run a method with other stage keys: longrope2-none searches *under* attention factor 1,
 # so the model is exactly the base model up to the original window (longrope2-af1 only resets the
 # factor of the factors found under the su rule); the -mixed rows score 4 search documents, two at
-# half the target length and two at the target (``eval_length`` as a list).
+# half the target length and two at the target (``eval_length`` as a list). ``longrope2`` is the method's
+# default search (and the recipe's since 2026-12-07): six documents, four of half the target and two of
+# the target, as ``longrope2-mixed16``; ``longrope2-target`` is the earlier default (documents of the target
+# length, --search-samples of them).
 MIXED = {"eval_length": ["half", "target"], "samples": 4}
-VARIANTS = {"longrope2-none": ("longrope2", {"mscale": "none"}),
+VARIANTS = {"longrope2": ("longrope2", {"samples": 6}),
+            "longrope2-target": ("longrope2", {"eval_length": ["target"]}),
+            "longrope2-none": ("longrope2", {"mscale": "none"}),
             "longrope2-mixed": ("longrope2", MIXED),
             "longrope2-none-mixed": ("longrope2", {"mscale": "none", **MIXED}),
             # extra flat starts above s (init_scales): the released LLaMA3-8B factors sit 1.4-1.6x above s

@@ -19,9 +19,9 @@
 #               (4 x 16k + 2 x 32k), as lr-final (two processes, ~8 min)
 #   lr-16       LongRoPE2 with 16k-heavy documents alone (lr-lift's second search, which did not finish there);
 #               LR16="longrope2-mixed16-yarn" for other variants, LR16_TRIALS=20 for lr-pk's 100 prompts per length
-#   lr-pk       base, pi, ntk, yarn and LongRoPE2 (the recipe's mixed documents, 64 x 14) with 20 passkey
-#               trials, a length counting prompt + answer (two processes); LRPK="longrope2-mixed longrope2-mixed16"
-#               adds the 16k-heavy search (three do not finish inside one call)
+#   lr-pk       base, pi, ntk, yarn and LongRoPE2 (the default search: 4 x 16k + 2 x 32k documents, 64 x 14)
+#               with 20 passkey trials, a length counting prompt + answer (two processes); LRPK="longrope2
+#               longrope2-mixed" adds the earlier recipe's search (three do not finish inside one call)
 #   longrope    base, pi, ntk, yarn, LongRoPE v1 / v2 (mscale su and none) at 32k, population 64 x 20 iterations
 #   lr-cost     one LongRoPE2 candidate on a Llama-3-8B-shaped model (random weights) at 32k and 128k
 #   pytest      the GPU tests
@@ -83,7 +83,7 @@ if want lr-16; then  # LongRoPE2 with 16k-heavy documents (4 x 16k + 2 x 32k) al
 fi
 if want lr-pk; then  # passkey with the answer inside the length (100 prompts per length), searches as lr-final
     bl lr-pk-base --methods base,pi,ntk,yarn --passkey-trials 20 --search-iterations 14 >"$t/lr-pk-base.log" 2>&1 &
-    for m in ${LRPK:-longrope2-mixed}; do
+    for m in ${LRPK:-longrope2}; do
         bl "lr-pk-$m" --methods "$m" --passkey-trials 20 --search-iterations 14 >"$t/lr-pk-$m.log" 2>&1 &
     done
 fi

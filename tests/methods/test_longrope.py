@@ -192,3 +192,18 @@ def test_needle_documents_are_exact_length_and_score_the_answers(tiny_llama):
         piece = tok.decode(doc.input_ids[n["position"]: n["position"] + 60])
         assert piece.startswith(f"\nThe special magic number for {n['key']} is {n['value']}.")
     assert tok.decode(doc.input_ids[-1:]) == "."
+
+
+def test_default_search_documents_cover_half_and_full_target():
+    """longrope2 scores four documents of half the target and two of the target by default (the long
+    factors serve every length past the window); v1 keeps the target alone; a target below twice the
+    window has no half-length documents past it; an explicit eval_length wins."""
+    from effllm_tools.methods.longrope.method import LongRoPE2Config, SearchConfig, search_lengths
+
+    lr2 = LongRoPE2Config(target_length=32768)
+    assert lr2.samples == 6 and search_lengths(lr2, 8192, 32768) == [16384, 16384, 32768]
+    assert [search_lengths(lr2, 8192, 32768)[i % 3] for i in range(lr2.samples)].count(16384) == 4
+    assert search_lengths(LongRoPE2Config(target_length=16384), 8192, 16384) == [16384]
+    v1 = SearchConfig(target_length=32768)
+    assert v1.samples == 4 and search_lengths(v1, 8192, 32768) == [32768]
+    assert search_lengths(LongRoPE2Config(target_length=32768, eval_length=20000), 8192, 32768) == [20000]

@@ -102,6 +102,10 @@ class SearchConfig(SearchSettings, ScalingConfig):
         except ValueError as err:
             raise BadInputError(str(err)) from None
 
+    def default_eval_lengths(self, original: int, target: int) -> list[int]:
+        """The search documents' lengths when ``eval_length`` is not given: the target's."""
+        return [target]
+
     def check_model(self, model_config: Any) -> None:
         """The scaling checks, and the search documents' lengths against the model's window."""
         original, target, _ = lengths_for(model_config, self)
@@ -113,11 +117,22 @@ class LongRoPE2Config(SearchConfig):
     """Recipe keys of ``longrope2``: v1's plus the needle objective and the critical-dimension range."""
 
     needles: int = 3  # needles per search document
+    # six documents per candidate; with eval_length unset, four of half the target length and two of the
+    # target (default_eval_lengths): the long factors serve every length past the original window
+    samples: int = 6
     critical_dim_range: int = 4  # the real critical dimension is searched this many pairs below theory
     # extra starting candidates: factors of c * s at and above each candidate critical dimension, one
     # per c here (e.g. [1.2, 1.5]); the released LLaMA3-8B factors sit 1.4-1.6x above s there, and the
     # neighbour-bounded mutation rarely lifts a plateau at s (default: none, the single official start)
     init_scales: list[float] = dataclasses.field(default_factory=list)
+
+    def default_eval_lengths(self, original: int, target: int) -> list[int]:
+        """Half the target twice and the target once (document i has length ``[h, h, t][i % 3]``), where half
+        the target still exceeds the original window; else the target. The long factors serve every
+        length past the window, and on the demo model documents of the target length alone left 16k
+        windows 2% worse (BENCHMARKS.md, "LongRoPE2's default search documents")."""
+        half = target // 2
+        return [half, half, target] if half > original else [target]
 
     def validate(self) -> None:
         super().validate()
@@ -227,8 +242,9 @@ def extra_starts(cfg: SearchConfig, space: Any, s: float) -> list[tuple[int, tup
 
 
 def search_lengths(cfg: SearchConfig, original: int, target: int) -> list[int]:
-    """The search documents' lengths (``eval_length``: one length or a list; default the target)."""
-    given = cfg.eval_length if cfg.eval_length is not None else target
+    """The search documents' lengths (``eval_length``: one length or a list; default
+    ``cfg.default_eval_lengths``)."""
+    given = cfg.eval_length if cfg.eval_length is not None else cfg.default_eval_lengths(original, target)
     lengths = list(given) if isinstance(given, list) else [given]
     if not lengths:
         raise BadInputError("eval_length must name at least one length")
