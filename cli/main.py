@@ -148,7 +148,10 @@ def _execute(ui: Ui, recipe: Any, *, device: str, dtype: str, dry_run: bool, res
     if dry_run:
         plan = plan_recipe(recipe)
         lines = [f"model: {plan['model']['spec']} ({plan['model_type']}, {plan['parameters'] / 1e6:.1f}M parameters)"]
-        lines += [f"stage {i}: {st['method']} {key_values(st, skip=('method',))}" for i, st in enumerate(plan["stages"])]
+        for i, (st, details) in enumerate(zip(plan["stages"], plan["stage_details"], strict=True)):
+            lines.append(f"stage {i}: {st['method']} {key_values(st, skip=('method',))}")
+            if details:
+                lines.append(f"stage {i} resolved: {key_values(details)}")
         if plan.get("calibration"):
             lines.append(f"calibration: {key_values(plan['calibration'])}")
         lines.append(f"matched linear modules: {plan['matched_linear_modules']}")

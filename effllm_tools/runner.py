@@ -172,6 +172,9 @@ def plan_recipe(recipe: Recipe, *, model: str | None = None) -> dict[str, Any]:
         "model_type": config.model_type,
         "parameters": params,
         "stages": [st.to_dict() for st in recipe.stages],
+        # what a stage resolves from the model's config (a stage config's ``plan_details``), e.g. the
+        # search documents' lengths that a default eval_length stands for
+        "stage_details": [getattr(st.config, "plan_details", lambda _c: {})(config) for st in recipe.stages],
         "matched_linear_modules": len(linears),
         "estimated_host_memory_gb": round(params * 4 / 1e9 * 1.2, 2),
         "calibration": recipe.calibration if recipe.needs_calibration else None,

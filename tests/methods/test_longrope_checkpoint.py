@@ -202,3 +202,17 @@ def test_shipped_longrope2_recipe_runs(tiny_llama, tmp_path):
     assert metrics["search_data"]["length"] == [512, 1024] and metrics["attention_factor"] > 1
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["max_position_embeddings"] == 1024
+
+
+def test_dry_run_shows_the_search_documents_a_default_stands_for(tiny_llama, tmp_path):
+    """--dry-run resolves what the keys leave to the model: the search documents of a candidate (the
+    default eval_length: half the target twice, then the target) and the attention factor."""
+    res = run_cli("extend-context", "--method", "longrope2", "--target-length", "1024", str(tiny_llama),
+                  "-o", str(tmp_path / "d"), "--dry-run", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    details = json.loads(res.stdout)["plan"]["stage_details"][0]
+    assert details["search_documents"] == [512, 512, 1024, 512, 512, 1024]  # window 256, s = 4
+    assert details["attention_factor"] == round(rope.su_mscale(4.0, 256), 4)
+    text = run_cli("extend-context", "--method", "yarn", "--target-length", "1024", str(tiny_llama),
+                   "-o", str(tmp_path / "d"), "--dry-run")
+    assert text.returncode == 0 and "resolved" not in text.stdout and not (tmp_path / "d").exists()

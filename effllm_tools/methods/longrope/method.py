@@ -111,6 +111,14 @@ class SearchConfig(SearchSettings, ScalingConfig):
         original, target, _ = lengths_for(model_config, self)
         search_lengths(self, original, target)
 
+    def plan_details(self, model_config: Any) -> dict[str, Any]:
+        """What ``--dry-run`` shows beyond the keys: the length of every search document of a candidate
+        (``eval_length`` resolved and cycled over ``samples``) and the attention factor."""
+        original, target, s = lengths_for(model_config, self)
+        lengths = search_lengths(self, original, target)
+        return {"search_documents": [lengths[i % len(lengths)] for i in range(self.samples)],
+                "attention_factor": round(rope.resolve_mscale(self.mscale, s, original), 4)}
+
 
 @dataclass
 class LongRoPE2Config(SearchConfig):
