@@ -40,7 +40,7 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cud
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (as stored), float32, bfloat16 or float16.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Validate and show the plan; read headers only, write nothing.")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted calibration from its per-layer state.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its saved state (calibration layers, search iterations).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one schema-versioned JSON object on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="Only errors on stderr.")]
 VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="Debug logs and tracebacks.")]
@@ -404,7 +404,11 @@ def main() -> None:
         args = sys.argv[1:]
         ui = Ui(json_mode="--json" in args, command=next((a for a in args if not a.startswith("-")), ""))
         code = ui.fail(2, err.format_message().strip().splitlines()[0])  # type: ignore[attr-defined]
-    sys.exit(code if isinstance(code, int) else 0)
+    code = code if isinstance(code, int) else 0
+    if code == 0:  # done and reported: a Ctrl-C / SIGTERM in the ~1 s of interpreter teardown that follows
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # (freeing the model, thread pools) must not turn a
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # complete output into exit 130 / 143
+    sys.exit(code)
 
 
 if __name__ == "__main__":

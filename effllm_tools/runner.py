@@ -214,6 +214,10 @@ def run_recipe(recipe: Recipe, *, device: str = "auto", dtype: str | None = None
         timings["load_s"] = time.perf_counter() - t0
         arch = get_arch(loaded.model.config)
         state_dir = out.parent / f".{out.name}.state"
+        if not resume and state_dir.is_dir() and any(state_dir.iterdir()):
+            logging.getLogger("effllm").warning(
+                "an interrupted run's saved state is in %s and this run starts over, replacing it: stop now and "
+                "rerun with --resume to continue from it instead", state_dir)
         ctx = StageContext(loaded, recipe, device, reporter, layers_prefix_of(loaded.model, arch), arch,
                            state_dir=state_dir, resume=resume)
         stage_records = []
@@ -222,11 +226,12 @@ def run_recipe(recipe: Recipe, *, device: str = "auto", dtype: str | None = None
             t = time.perf_counter()
             try:
                 result = stage.spec.apply(ctx, stage.config)
-            except BaseException:  # Ctrl-C, SIGTERM, a crash: the finished layers' state stays for --resume
+            except BaseException:  # Ctrl-C, SIGTERM, a crash: the saved state stays for --resume
                 if state_dir.is_dir() and any(state_dir.iterdir()):
                     logging.getLogger("effllm").warning(
-                        "the finished layers' calibration state is kept in %s: the same command with --resume "
-                        "continues from it (delete the folder to start over)", state_dir)
+                        "the interrupted run's saved state (finished calibration layers, search iterations) is "
+                        "kept in %s: the same command with --resume continues from it (delete the folder to "
+                        "start over)", state_dir)
                 raise
             for key in ("quantized_modules", "pruned_modules"):
                 if result.metrics.get(key) == 0:

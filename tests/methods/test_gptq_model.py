@@ -129,3 +129,11 @@ def test_interrupted_calibration_says_where_its_resume_state_is(tmp_path, tiny_l
     state = tmp_path / ".q.state"
     assert not out.exists() and state.is_dir() and any(state.iterdir())
     assert any(str(state) in r.getMessage() and "--resume" in r.getMessage() for r in caplog.records)
+    # The same command without --resume starts over, and says so before it replaces the state.
+    caplog.clear()
+    monkeypatch.setattr(common, "run_layerwise", real)
+    with caplog.at_level(logging.WARNING, logger="effllm"):
+        run_recipe(recipe, device="cpu")
+    assert out.is_dir()
+    assert any(str(state) in r.getMessage() and "starts over" in r.getMessage() and "--resume" in r.getMessage()
+               for r in caplog.records)

@@ -180,7 +180,7 @@ def test_search_documents_spread_over_several_lengths(tiny_llama, tmp_path, capl
     # The cost is announced after the first candidate (a log line, also without a terminal), and
     # every iteration logs its best objective.
     lines = [r.getMessage() for r in caplog.records]
-    assert any("one candidate (3 documents of 500/600 tokens) took" in m and "at most 12 candidates" in m  # 4 + 2 x (2 + 2)
+    assert any("one candidate (3 documents of 500/600/500 tokens) took" in m and "at most 12 candidates" in m  # 4 + 2 x (2 + 2)
                for m in lines)
     assert sum("longrope2: iteration " in m for m in lines) == TINY_SEARCH["iterations"] + 1
     # A length inside the original window would score the short factors: one line, exit 2.
@@ -188,6 +188,10 @@ def test_search_documents_spread_over_several_lengths(tiny_llama, tmp_path, capl
                   "longrope2.eval_length=[200, 600]", str(tiny_llama), "-o", str(tmp_path / "bad"), "--device", "cpu")
     assert bad.returncode == 2 and "eval_length 200 must exceed the original context 256" in bad.stderr
     assert not (tmp_path / "bad").exists()
+    # ... and one past the target would score positions the output never serves.
+    long = run_cli("extend-context", "--method", "longrope2", "--target-length", "1024", "--set",
+                   "longrope2.eval_length=2048", str(tiny_llama), "-o", str(tmp_path / "bad"), "--dry-run")
+    assert long.returncode == 2 and "eval_length 2048 exceeds target_length 1024" in long.stderr
 
 
 def test_shipped_longrope2_recipe_runs(tiny_llama, tmp_path):

@@ -259,6 +259,9 @@ def search_lengths(cfg: SearchConfig, original: int, target: int) -> list[int]:
     for n in lengths:
         if n <= original:
             raise BadInputError(f"eval_length {n} must exceed the original context {original} (long factors)")
+        if n > target:
+            raise BadInputError(f"eval_length {n} exceeds target_length {target}: a search document past the new "
+                                "window scores positions the output never serves")
     return [int(n) for n in lengths]
 
 
@@ -305,10 +308,12 @@ def run_search(ctx: Any, cfg: SearchConfig, *, v2: bool) -> StageResult:
                                           seed=ctx.recipe.seed, device=ctx.device)
     state = ctx.state_dir / method / "search.json" if ctx.state_dir is not None else None
     budget = cfg.population + cfg.iterations * (cfg.mutations + cfg.crossovers)
+    docs = [doc_lengths[i % len(doc_lengths)] for i in range(cfg.samples)]
     timed = _announce_cost(objective, lambda dt: ctx.reporter.info(
-        f"{method}: one candidate ({cfg.samples} documents of {'/'.join(map(str, doc_lengths))} tokens) took {dt:.1f} s "
+        f"{method}: one candidate ({cfg.samples} documents of {'/'.join(map(str, docs))} tokens) took {dt:.1f} s "
         f"on {ctx.device}; the search evaluates at most {budget} candidates: up to {format_duration(dt * budget)} "
-        f"(Ctrl-C and --resume continue it; smaller: --set {method}.population=... / iterations=...)"))
+        f"(Ctrl-C and --resume continue it; smaller: --set {method}.population=... / iterations=... / parents=..., "
+        f"parents <= population)"))
 
     def on_iteration(it: int, best: float, evaluations: int) -> None:
         ctx.reporter.info(f"{method}: iteration {it}/{cfg.iterations}, best objective {best:.4f} "
