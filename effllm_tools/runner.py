@@ -214,7 +214,8 @@ def run_recipe(recipe: Recipe, *, device: str = "auto", dtype: str | None = None
         timings["load_s"] = time.perf_counter() - t0
         arch = get_arch(loaded.model.config)
         state_dir = out.parent / f".{out.name}.state"
-        if not resume and state_dir.is_dir() and any(state_dir.iterdir()):
+        has_state = lambda: state_dir.is_dir() and any(state_dir.iterdir())  # noqa: E731 - read twice below
+        if not resume and has_state():
             logging.getLogger("effllm").warning(
                 "an interrupted run's saved state is in %s and this run starts over, replacing it: stop now and "
                 "rerun with --resume to continue from it instead", state_dir)
@@ -227,7 +228,7 @@ def run_recipe(recipe: Recipe, *, device: str = "auto", dtype: str | None = None
             try:
                 result = stage.spec.apply(ctx, stage.config)
             except BaseException:  # Ctrl-C, SIGTERM, a crash: the saved state stays for --resume
-                if state_dir.is_dir() and any(state_dir.iterdir()):
+                if has_state():
                     logging.getLogger("effllm").warning(
                         "the interrupted run's saved state (finished calibration layers, search iterations) is "
                         "kept in %s: the same command with --resume continues from it (delete the folder to "

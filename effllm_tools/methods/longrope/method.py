@@ -115,8 +115,7 @@ class SearchConfig(SearchSettings, ScalingConfig):
         """What ``--dry-run`` shows beyond the keys: the length of every search document of a candidate
         (``eval_length`` resolved and cycled over ``samples``) and the attention factor."""
         original, target, s = lengths_for(model_config, self)
-        lengths = search_lengths(self, original, target)
-        return {"search_documents": [lengths[i % len(lengths)] for i in range(self.samples)],
+        return {"search_documents": search_documents(self, original, target),
                 "attention_factor": round(rope.resolve_mscale(self.mscale, s, original), 4)}
 
 
@@ -265,6 +264,13 @@ def search_lengths(cfg: SearchConfig, original: int, target: int) -> list[int]:
     return [int(n) for n in lengths]
 
 
+def search_documents(cfg: SearchConfig, original: int, target: int) -> list[int]:
+    """The length of every document a candidate is scored on: :func:`search_lengths` cycled over
+    ``samples`` (document i has length ``lengths[i % n]``, as :func:`.objective.make_objective` builds them)."""
+    lengths = search_lengths(cfg, original, target)
+    return [lengths[i % len(lengths)] for i in range(cfg.samples)]
+
+
 def _announce_cost(objective: Any, announce: Any) -> Any:
     """``objective`` that reports the time of its first call (the search's cost estimate, up front)."""
     first = [True]
@@ -298,7 +304,7 @@ def run_search(ctx: Any, cfg: SearchConfig, *, v2: bool) -> StageResult:
     base, dim = rope.rope_base_and_dim(ctx.model.config)
     mscale = rope.resolve_mscale(cfg.mscale, s, original)
     space, init, tcd = search_space(cfg, v2=v2, base=base, dim=dim, original=original, s=s)
-    doc_lengths = search_lengths(cfg, original, target)
+    doc_lengths, docs = search_lengths(cfg, original, target), search_documents(cfg, original, target)
     if ctx.tokenizer is None:
         raise UnsupportedError("context-extension search needs the model's tokenizer to build documents")
     hay = load_haystack(ctx.tokenizer, cfg.dataset)
@@ -308,7 +314,6 @@ def run_search(ctx: Any, cfg: SearchConfig, *, v2: bool) -> StageResult:
                                           seed=ctx.recipe.seed, device=ctx.device)
     state = ctx.state_dir / method / "search.json" if ctx.state_dir is not None else None
     budget = cfg.population + cfg.iterations * (cfg.mutations + cfg.crossovers)
-    docs = [doc_lengths[i % len(doc_lengths)] for i in range(cfg.samples)]
     timed = _announce_cost(objective, lambda dt: ctx.reporter.info(
         f"{method}: one candidate ({cfg.samples} documents of {'/'.join(map(str, docs))} tokens) took {dt:.1f} s "
         f"on {ctx.device}; the search evaluates at most {budget} candidates: up to {format_duration(dt * budget)} "
@@ -339,7 +344,7 @@ def run_search(ctx: Any, cfg: SearchConfig, *, v2: bool) -> StageResult:
         from effllm_tools.methods.longrope.finetune import mixed_window_finetune
 
         metrics.update(mixed_window_finetune(
-            ctx.model, hay, long_factors=result.factors, mscale=mscale, short_len=original, long_len=max(doc_lengths),
+            ctx.model, hay, long_factors=result.factors, mscale=mscale, short_len=original, long_len=max(docs),
             tokens=cfg.finetune_tokens, lr=cfg.finetune_lr, short_fraction=cfg.finetune_short_fraction,
             seed=ctx.recipe.seed, device=ctx.device, reporter=ctx.reporter))
     ctx.model.to("cpu")
