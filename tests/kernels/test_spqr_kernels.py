@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -700,6 +701,33 @@ def test_cuda_mma_decode_fills_the_mma_operands_like_the_pair_decode(bits: int) 
                 assert got[p >> 1][(p & 1) * 2 + r] == _pack(want[2 * p], want[2 * p + 1]), (bits, r, p)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_cuda_mma_group_column_decode_gives_each_code_plus_its_pair_bias(bits: int) -> None:
+    """With group columns the decode is one LOP3 a pair: A[i] = (r0 p_i, r1 p_i, r0 p_8+i, r1 p_8+i), each
+    half exactly code + gc_pair_bias[p] (the fp16 exponent that makes the field's unit 1), for random
+    words: the codes the pair decode (pair_asm.decode_asm, emulated, scale 1) centres, plus the centring."""
+    import struct
+
+    import numpy as np
+
+    from effllm_kernels.spqr.cuda_mma import emulate_decode_gc_c, gc_pair_bias
+    from effllm_kernels.spqr.pair_asm import _halves, decode_asm, emulate_decode
+
+    rng = np.random.default_rng(10 + bits)
+    asm, _ = decode_asm(bits)
+    one = struct.unpack("<I", struct.pack("<f", 1.0))[0]
+    bias = gc_pair_bias(bits)
+    assert all(b in (2.0**e for e in range(1, 11)) for b in bias)
+    for _ in range(20):
+        words = [[int(v) for v in rng.integers(0, 2**32, size=bits)] for _ in range(2)]
+        got = emulate_decode_gc_c(bits, (words[0], words[1]))
+        for r in range(2):
+            want = emulate_decode(asm, words[r] + [words[r][0]] * (4 - bits) + [one, 0, one, 0])  # q - 2**(bits-1)
+            for p in range(16):
+                lo, hi = _halves(got[p & 7][(p >> 3) * 2 + r])
+                assert (lo, hi) == (want[2 * p] + 2 ** (bits - 1) + bias[p], want[2 * p + 1] + 2 ** (bits - 1) + bias[p])
+
+
 def test_a_failed_cuda_build_is_reported_once_and_switches_both_cuda_kernels_off(monkeypatch, caplog) -> None:
     """cuda_gemv.build (both CUDA kernels build through it): any NVRTC / driver failure becomes one
     CompileError, the first one of the process is logged once, and usable() turns False, so the launch
@@ -742,8 +770,9 @@ def test_cuda_mma_blocks_cover_every_unit_and_outlier_bucket_once_and_fit_shared
         layer = SimpleNamespace(in_features=k, out_features=n)
         n_units, n_buckets = -(-k // 32), -(-k // BUCKET)
         for m in range(1, cuda_mma.MAX_M + 1):
+            gc = [cuda_mma.CudaMmaConfig(group_cols=True), cuda_mma.CudaMmaConfig(16, 2, 4.0, group_cols=True)]
             for cfg in [cuda_mma.CudaMmaConfig(), cuda_mma.CudaMmaConfig(16, 2, 4.0), cuda_mma.CudaMmaConfig(32, 1, 1.0)] + [
-                    c for c in [cuda_mma.heuristic(layer, m, 132)] if c]:
+                    c for c in [cuda_mma.heuristic(layer, m, 132)] if c] + (gc if m <= cuda_mma.GC_MAX_M else []):
                 split, upb = cuda_mma.grid(layer, cfg, 132)
                 assert upb % per_bucket == 0 and upb <= cfg.units
                 units, buckets = [], []
@@ -756,8 +785,8 @@ def test_cuda_mma_blocks_cover_every_unit_and_outlier_bucket_once_and_fit_shared
                     buckets += range(cb0, cb0 + min(upb * 32 // BUCKET, n_buckets - cb0))
                 assert units == list(range(n_units)) and buckets == list(range(n_buckets)), (n, k, m, cfg)
                 for sb, sg in ((3, 16), (2, 32), (4, 16), (16, 16)):
-                    built = cuda_mma.CudaMmaConfig(upb, cfg.min_blocks, cfg.per_sm, cfg.prefetch, cfg.out_batch)
-                    assert cuda_mma.shared_bytes(built, cuda_mma.n_tiles(m), sb, sg) <= 48 * 1024
+                    built = replace(cfg, units=upb)
+                    assert cuda_mma.shared_bytes(built, m, sb, sg) <= 48 * 1024
     assert cuda_mma.heuristic(SimpleNamespace(in_features=4096, out_features=1024), 2, 132) is None  # small, M = 2-3
     assert cuda_mma.heuristic(SimpleNamespace(in_features=1024, out_features=4096), 3, 132) is None  # same size
     assert cuda_mma.heuristic(SimpleNamespace(in_features=4096, out_features=14336), 2, 132) is None  # large, M = 2
@@ -778,6 +807,15 @@ _CUDA_MMA_CASES = [
     (1, 1024, 4096, 4, 3, 16, True, 0.05, None, (16, 2, 8.0)),
     (4, 4096, 512, 3, 3, 16, True, 0.02, torch.bfloat16, None),  # one K split: y written directly, with bias
     (9, 4, 16, 3, 3, 16, True, 0.1, None, None),  # one unit, one group, 4 rows: every clamp
+    # group columns (the mma's N holds each lane's two groups): 1-8 rows, the same spread of formats
+    (1, 4096, 4096, 3, 3, 16, True, 0.01, None, (32, 2, 2.0, 1, 4, True)),
+    (2, 14336, 4096, 3, 3, 16, True, 0.01, torch.bfloat16, (32, 2, 2.0, 1, 4, True)),
+    (3, 1000, 1100, 3, 3, 16, True, 0.03, None, (16, 2, 4.0, 1, 4, True)),
+    (1, 256, 2048, 2, 3, 32, False, 0.0, None, (32, 2, 2.0, 1, 4, True)),
+    (4, 512, 3000, 4, 16, 16, True, 0.02, torch.float32, (32, 2, 2.0, 1, 4, True)),
+    (1, 4096, 14336, 3, 2, 16, True, 0.01, None, (16, 2, 4.0, 1, 4, True)),
+    (8, 1024, 4096, 3, 4, 16, True, 0.01, torch.float16, (32, 1, 1.0, 1, 4, True)),
+    (1, 4, 16, 3, 3, 16, True, 0.1, None, (32, 2, 2.0, 1, 4, True)),
 ]
 
 
