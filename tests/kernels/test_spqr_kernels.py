@@ -728,6 +728,89 @@ def test_cuda_mma_group_column_decode_gives_each_code_plus_its_pair_bias(bits: i
                 assert (lo, hi) == (want[2 * p] + 2 ** (bits - 1) + bias[p], want[2 * p + 1] + 2 ** (bits - 1) + bias[p])
 
 
+def _pack_unit(bits: int, q: list[int]) -> list[int]:
+    """The ``bits`` words of one 32-code unit in pair_layout's order (what the decodes read)."""
+    from effllm_kernels.spqr.pair_asm import pair_layout
+
+    words = [0] * bits
+    for a, b, w, s in pair_layout(bits):
+        if w < 0:  # 3-bit pair 15: bit j of codes 30 / 31 at bits 15 / 31 of word j
+            for j in range(3):
+                words[j] |= ((q[30] >> j) & 1) << 15 | ((q[31] >> j) & 1) << 31
+        else:
+            words[w] |= q[a] << s | q[b] << (16 + s)
+    return words
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_cuda_mma_group_column_data_flow_gives_the_layer_output(bits: int) -> None:
+    """The group-column mode's data flow, one warp-step in Python: 16 rows x 4 units (one per quad lane),
+    two activation rows. The A operands come from the generated C (:func:`emulate_decode_gc_c`) of packed
+    random codes; B is each lane's staged chunk as the xprep kernel lays it out ([x_i, 0] / [0, x_8+i] for
+    lanes g = 2t / 2t + 1, zeros for the rest); the m16n8k16 fragments map lanes to A / B / C elements as
+    the PTX ISA defines them; C and S are the xprep group sums. Then acc += s * (dot - C - z * S) per lane
+    and the quad sum must equal sum_k s * (q - z) * x for every row (float64: the algebra and the lane
+    mapping, exactly)."""
+    import numpy as np
+
+    from effllm_kernels.spqr.cuda_mma import emulate_decode_gc_c, gc_pair_bias
+    from effllm_kernels.spqr.pair_asm import _halves, pair_layout
+
+    rng = np.random.default_rng(bits)
+    M, rows, units = 2, 16, 4
+    q = rng.integers(0, 2**bits, size=(rows, units * 32))
+    sc = rng.uniform(0.5, 2.0, size=(rows, units * 2))  # per (row, group of 16)
+    z = rng.uniform(0, 2**bits - 1, size=(rows, units * 2))
+    x = np.float16(rng.standard_normal((M, units * 32))).astype(np.float64)
+    layout, c_p = pair_layout(bits), gc_pair_bias(bits)
+    # xprep: per (unit, row m) 32 words (B operands) and (C0, C1, S0, S1)
+    staged = np.zeros((units, M, 32, 2))  # [word] -> (low, high) fp16 value
+    sums = np.zeros((units, M, 4))
+    for u in range(units):
+        for m in range(M):
+            for p, (a, b, _, _) in enumerate(layout):
+                pair = (x[m, u * 32 + a], x[m, u * 32 + b])
+                staged[u, m, 2 * p + (p >> 3)] = pair
+                sums[u, m, p >> 3] += c_p[p] * sum(pair)
+                sums[u, m, 2 + (p >> 3)] += sum(pair)
+    acc = np.zeros((32, M, 2))  # lane, activation row, the lane's two rows
+    a_ops = {}
+    for lane in range(32):
+        g, t = lane >> 2, lane & 3
+        words = [_pack_unit(bits, [int(v) for v in q[2 * g + r, t * 32:(t + 1) * 32]]) for r in range(2)]
+        a_ops[lane] = emulate_decode_gc_c(bits, (words[0], words[1]))
+    for m in range(M):
+        d = np.zeros((16, 8))
+        for lane in range(32):  # C init: -C of the lane's unit per column
+            g, t = lane >> 2, lane & 3
+            d[g, 2 * t], d[g, 2 * t + 1] = -sums[t, m, 0], -sums[t, m, 1]
+            d[g + 8, 2 * t], d[g + 8, 2 * t + 1] = -sums[t, m, 0], -sums[t, m, 1]
+        for i in range(8):  # mma i: A rows x k, B k x columns, from every lane's fragments
+            A, B = np.zeros((16, 16)), np.zeros((16, 8))
+            for lane in range(32):
+                g, t = lane >> 2, lane & 3
+                op = a_ops[lane][i]
+                A[g, 2 * t:2 * t + 2], A[g + 8, 2 * t:2 * t + 2] = _halves(op[0]), _halves(op[1])
+                A[g, 2 * t + 8:2 * t + 10], A[g + 8, 2 * t + 8:2 * t + 10] = _halves(op[2]), _halves(op[3])
+                h = g - 2 * t
+                chunk = staged[t, m, 16 * h + 4 * (i >> 1):16 * h + 4 * (i >> 1) + 4] if h in (0, 1) else np.zeros((4, 2))
+                b0, b1 = chunk[2 * (i & 1)], chunk[2 * (i & 1) + 1]  # (b.x, b.y) or (b.z, b.w)
+                B[2 * t:2 * t + 2, g], B[2 * t + 8:2 * t + 10, g] = b0, b1
+            d += A @ B
+        for lane in range(32):
+            g, t = lane >> 2, lane & 3
+            for r in range(2):
+                for h in range(2):
+                    row, grp = 2 * g + r, 2 * t + h
+                    dot = d[g + 8 * r, 2 * t + h]
+                    acc[lane, m, r] += sc[row, grp] * (dot - z[row, grp] * sums[t, m, 2 + h])
+    w = sc.repeat(16, axis=1) * (q - z.repeat(16, axis=1))
+    want = x @ w.T  # [M, rows]
+    for g in range(8):
+        got = acc[4 * g:4 * g + 4].sum(axis=0)  # the quad's units
+        np.testing.assert_allclose(got.T, want[:, 2 * g:2 * g + 2].T, rtol=1e-9, atol=1e-9)
+
+
 def test_a_failed_cuda_build_is_reported_once_and_switches_both_cuda_kernels_off(monkeypatch, caplog) -> None:
     """cuda_gemv.build (both CUDA kernels build through it): any NVRTC / driver failure becomes one
     CompileError, the first one of the process is logged once, and usable() turns False, so the launch
