@@ -501,7 +501,8 @@ spqr_mma_cuda(const uint4* __restrict__ xp, const float4* __restrict__ cx, const
               u16* __restrict__ y, float* __restrict__ ws, int* __restrict__ cnt,
               int M, int N, int G, int NBLK, int n_units, int NSW, int KS, int UPB, int NBK)
 {
-    // the block's activations: (unit, row) -> 16 fp16 pairs as 4 chunks of 16 bytes, chunk q at q ^ (unit & 3)
+    // the block's activations: (unit, row) -> 16 fp16 pairs as 4 chunks of 16 bytes, chunk q at q ^ (unit & 3);
+    // with group columns 32 words (each pair next to a zero) as 8 chunks, units padded by one (XCH)
     __shared__ __align__(16) uint4 xs[GC ? UB * US : UB * T * XC];
 #if GC
     __shared__ __align__(16) float4 cxs[UB][T];  // (C0, C1, S0, S1) per unit and activation row
@@ -698,7 +699,7 @@ spqr_mma_cuda(const uint4* __restrict__ xp, const float4* __restrict__ cx, const
 """
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=256)  # one variant per batch size: 15 a layer format at 2-16 rows
 def _kernels(bits: int, stat_bits: int, stat_group: int, cfg: CudaMmaConfig, m: int, has_out: bool, bias: int,
              device_index: int):
     return cuda_gemv.build(source(bits, stat_bits, stat_group, cfg, m, has_out, bias),
