@@ -137,16 +137,16 @@ def heuristic(t, m: int, sms: int) -> CudaMmaConfig | None:
     return CudaMmaConfig()
 
 
-def gc_pair_offsets(bits: int) -> list[int]:
-    """Per pair: the field offset in its (possibly shifted) word where :func:`decode_gc_c` reads it (the
-    3-bit pair 15, assembled at bit 0: 0)."""
+def pair_offsets(bits: int) -> list[int]:
+    """Per pair: the field offset in its (possibly shifted) word where both decodes read it (the 3-bit
+    pair 15, assembled at bit 0: 0)."""
     shift = bits * _direct_slots(bits)
     return [0 if w < 0 else (s - shift if s + bits > 10 else s) for _, _, w, s in pair_layout(bits)]
 
 
 def gc_pair_bias(bits: int) -> list[float]:
     """Per pair: what its LOP3 adds to each code in :func:`decode_gc_c` (2**(10 - field offset))."""
-    return [2.0 ** (10 - s) for s in gc_pair_offsets(bits)]
+    return [2.0 ** (10 - s) for s in pair_offsets(bits)]
 
 
 def decode_gc_c(bits: int) -> str:
@@ -157,20 +157,11 @@ def decode_gc_c(bits: int) -> str:
     statistics here: the mma's N holds the two groups of each lane's unit (pairs 0-7 / 8-15), so scale,
     zero and ``c_p`` apply to whole group dots afterwards, in fp32."""
     shift = bits * _direct_slots(bits)
-    offs = gc_pair_offsets(bits)
     lines = [f"const u32 h{r}{w} = w{r}[{w}] >> {shift};" for r in range(2) for w in range(bits)]
-    for p, (_, _, w, s) in enumerate(pair_layout(bits)):
-        e = (25 - offs[p]) << 10
-        mg = f"{e | e << 16:#x}u"
+    for p, se in enumerate(pair_offsets(bits)):
+        e = (25 - se) << 10
         for r in range(2):
-            if w < 0:  # 3-bit pair 15: bit b of each code from word b, bits 15 / 31
-                q = (f"lop3(w{r}[2] >> 13, 0x00040004u, lop3(w{r}[1] >> 14, 0x00020002u, "
-                     f"lop3(w{r}[0] >> 15, 0x00010001u, {mg})))")
-            else:
-                src = f"h{r}{w}" if s + bits > 10 else f"w{r}[{w}]"
-                field = ((1 << bits) - 1) << offs[p]
-                q = f"lop3({src}, {field | field << 16:#x}u, {mg})"
-            lines.append(f"A[{p & 7}].{'xyzw'[(p >> 3) * 2 + r]} = {q};")
+            lines.append(f"A[{p & 7}].{'xyzw'[(p >> 3) * 2 + r]} = {_pair_lop3(bits, r, p, f'{e | e << 16:#x}u')};")
     return "\n".join("    " + line for line in lines)
 
 
@@ -178,6 +169,19 @@ def scratch_need(t, m: int, cfg: CudaMmaConfig, sms: int) -> tuple[int, int]:
     """(fp32 workspace elements, arrival counters) of one call at batch ``m`` (0, 0 without a K split)."""
     split, _ = grid(t, cfg, sms)
     return (split * m * t.out_features, -(-t.out_features // ROWS)) if split > 1 else (0, 0)
+
+
+def _pair_lop3(bits: int, r: int, p: int, magic: str) -> str:
+    """The LOP3 (three for the 3-bit pair 15) putting pair ``p`` of row ``r``'s unit into the mantissas of
+    ``magic``, at the field offset :func:`pair_offsets` gives (fields past bit 10 read from the word
+    shifted once, ``h<r><w>``)."""
+    _, _, w, s = pair_layout(bits)[p]
+    if w < 0:  # 3-bit pair 15: bit b of each code from word b, bits 15 / 31
+        return (f"lop3(w{r}[2] >> 13, 0x00040004u, lop3(w{r}[1] >> 14, 0x00020002u, "
+                f"lop3(w{r}[0] >> 15, 0x00010001u, {magic})))")
+    src = f"h{r}{w}" if s + bits > 10 else f"w{r}[{w}]"
+    field = ((1 << bits) - 1) << pair_offsets(bits)[p]
+    return f"lop3({src}, {field | field << 16:#x}u, {magic})"
 
 
 def decode_c(bits: int) -> str:
@@ -189,18 +193,9 @@ def decode_c(bits: int) -> str:
     shift = bits * _direct_slots(bits)
     mg = f"{MAGIC | MAGIC << 16:#x}u"
     lines = [f"const u32 h{r}{w} = w{r}[{w}] >> {shift};" for r in range(2) for w in range(bits)]
-    for p, (_, _, w, s) in enumerate(pair_layout(bits)):
+    for p, se in enumerate(pair_offsets(bits)):
         for r in range(2):
-            if w < 0:  # 3-bit pair 15: bit b of each code from word b, bits 15 / 31
-                q = (f"lop3(w{r}[2] >> 13, 0x00040004u, lop3(w{r}[1] >> 14, 0x00020002u, "
-                     f"lop3(w{r}[0] >> 15, 0x00010001u, {mg})))")
-                se = 0
-            else:
-                src, se = f"w{r}[{w}]", s
-                if s + bits > 10:
-                    src, se = f"h{r}{w}", s - shift
-                field = ((1 << bits) - 1) << se
-                q = f"lop3({src}, {field | field << 16:#x}u, {mg})"
+            q = _pair_lop3(bits, r, p, mg)
             bi = _f16x2(-(1024 / 2**se + off))
             centred = f"hadd2({q}, {bi:#x}u)" if se == 0 else f"hfma2({q}, {_f16x2(2.0**-se):#x}u, {bi:#x}u)"
             lines.append(f"A[{p >> 1}].{'xyzw'[(p & 1) * 2 + r]} = hfma2({centred}, s2[{r}][{p // 8}], n2[{r}][{p // 8}]);")

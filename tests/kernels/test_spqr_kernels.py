@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from effllm_kernels import dispatch
-from effllm_kernels.packing import packed_words, unpack_codes
+from effllm_kernels.packing import pack_codes, packed_words, unpack_codes
 from effllm_kernels.spqr import (
     SpqrKernelTensors,
     SpqrTensors,
@@ -30,7 +30,7 @@ from effllm_kernels.spqr import (
     unpack,
 )
 from effllm_kernels.spqr.op import op_args, op_meta
-from effllm_kernels.spqr.repack import PAIRED_BITS, paired_position
+from effllm_kernels.spqr.repack import PAIRED_BITS, paired_position, repack_qweight
 from effllm_kernels.spqr.testing import random_spqr_tensors
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -728,25 +728,11 @@ def test_cuda_mma_group_column_decode_gives_each_code_plus_its_pair_bias(bits: i
                 assert (lo, hi) == (want[2 * p] + 2 ** (bits - 1) + bias[p], want[2 * p + 1] + 2 ** (bits - 1) + bias[p])
 
 
-def _pack_unit(bits: int, q: list[int]) -> list[int]:
-    """The ``bits`` words of one 32-code unit in pair_layout's order (what the decodes read)."""
-    from effllm_kernels.spqr.pair_asm import pair_layout
-
-    words = [0] * bits
-    for a, b, w, s in pair_layout(bits):
-        if w < 0:  # 3-bit pair 15: bit j of codes 30 / 31 at bits 15 / 31 of word j
-            for j in range(3):
-                words[j] |= ((q[30] >> j) & 1) << 15 | ((q[31] >> j) & 1) << 31
-        else:
-            words[w] |= q[a] << s | q[b] << (16 + s)
-    return words
-
-
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_cuda_mma_group_column_data_flow_gives_the_layer_output(bits: int) -> None:
     """The group-column mode's data flow, one warp-step in Python: 16 rows x 4 units (one per quad lane),
-    two activation rows. The A operands come from the generated C (:func:`emulate_decode_gc_c`) of packed
-    random codes; B is each lane's staged chunk as the xprep kernel lays it out ([x_i, 0] / [0, x_8+i] for
+    two activation rows. The A operands come from the generated C (:func:`emulate_decode_gc_c`) of random
+    codes in the kernel layout (pack_codes, then repack_qweight); B is each lane's staged chunk as the xprep kernel lays it out ([x_i, 0] / [0, x_8+i] for
     lanes g = 2t / 2t + 1, zeros for the rest); the m16n8k16 fragments map lanes to A / B / C elements as
     the PTX ISA defines them; C and S are the xprep group sums. Then acc += s * (dot - C - z * S) per lane
     and the quad sum must equal sum_k s * (q - z) * x for every row (float64: the algebra and the lane
@@ -774,10 +760,11 @@ def test_cuda_mma_group_column_data_flow_gives_the_layer_output(bits: int) -> No
                 sums[u, m, p >> 3] += c_p[p] * sum(pair)
                 sums[u, m, 2 + (p >> 3)] += sum(pair)
     acc = np.zeros((32, M, 2))  # lane, activation row, the lane's two rows
+    kw = repack_qweight(pack_codes(torch.from_numpy(q).to(torch.int32), bits), units * 32, bits)  # [u * bits + w, n]
     a_ops = {}
     for lane in range(32):
         g, t = lane >> 2, lane & 3
-        words = [_pack_unit(bits, [int(v) for v in q[2 * g + r, t * 32:(t + 1) * 32]]) for r in range(2)]
+        words = [[int(v) & 0xFFFFFFFF for v in kw[t * bits:(t + 1) * bits, 2 * g + r]] for r in range(2)]
         a_ops[lane] = emulate_decode_gc_c(bits, (words[0], words[1]))
     for m in range(M):
         d = np.zeros((16, 8))
