@@ -333,6 +333,20 @@ spqr_gemv_cuda(const u16* __restrict__ x, const int* __restrict__ perm, const u3
     }
 #endif
 
+#if SB != 16
+    // the second-level statistics' loads go out with the first step's, before the activations' two
+    // dependent round trips (perm, then x), so that their wait overlaps those
+    u16 v2[NS][4];
+#pragma unroll
+    for (int q = 0; q < NS; ++q) {
+        const int e = tid + q * THREADS, gl = e / NBT, bl = e % NBT;
+        const int g = min(2 * ub + gl, G - 1), b = min((tile * 128) / SG + bl, NBLK - 1);
+        const size_t o = (size_t)(2 * g) * NBLK + b;
+        const bool ok = gl < 2 * nb;
+        v2[q][0] = ok ? sst[o] : (u16)0; v2[q][1] = ok ? sst[o + NBLK] : (u16)0;
+        v2[q][2] = ok ? zst[o] : (u16)0; v2[q][3] = ok ? zst[o + NBLK] : (u16)0;
+    }
+#endif
     // 2. while they are in flight: the block's activations (every load of the thread first, then the
     //    math), through the permutation, scaled by XSC and rounded to fp16, with their group sums ...
     const u16* xr = x + (size_t)m * stride_xm;
@@ -371,20 +385,10 @@ spqr_gemv_cuda(const u16* __restrict__ x, const int* __restrict__ perm, const u3
         }
     }
 #if SB != 16
-    // ... and the second-level statistics of the block's groups and row blocks, as FMA coefficients:
-    //     scale = As * f + Bs, zero - 2**(BITS-1) = Az * f + Bz with f = 1 + code * 2**-SB
+    // ... and the second-level statistics of the block's groups and row blocks (loaded above), as FMA
+    //     coefficients: scale = As * f + Bs, zero - 2**(BITS-1) = Az * f + Bz with f = 1 + code * 2**-SB
     //     (the code under the mantissa of 1.0), A = step * 2**SB, B = -(A + step * zero-point)
     {
-        u16 v2[NS][4];
-#pragma unroll
-        for (int q = 0; q < NS; ++q) {
-            const int e = tid + q * THREADS, gl = e / NBT, bl = e % NBT;
-            const int g = min(2 * ub + gl, G - 1), b = min((tile * 128) / SG + bl, NBLK - 1);
-            const size_t o = (size_t)(2 * g) * NBLK + b;
-            const bool ok = gl < 2 * nb;
-            v2[q][0] = ok ? sst[o] : (u16)0; v2[q][1] = ok ? sst[o + NBLK] : (u16)0;
-            v2[q][2] = ok ? zst[o] : (u16)0; v2[q][3] = ok ? zst[o + NBLK] : (u16)0;
-        }
 #pragma unroll
         for (int q = 0; q < NS; ++q) {
             const int e = tid + q * THREADS;
