@@ -25,15 +25,9 @@ down to ~2e-7 stay normal fp16 (|W| < 256, as in :mod:`.triton_mma16`). The outl
 bucketed copy of :func:`.cuda_gemv.outlier_buckets` against the staged activations; partials add in a
 fixed order (split K through the shared workspace of :mod:`effllm_kernels.splitk`): deterministic.
 
-Group columns (``CudaMmaConfig.group_cols``, 1-8 rows; not yet chosen by :func:`heuristic`: no GPU
-measurement of it so far). The mma's N then holds the weights' groups instead of activation rows: lane
-(g, t) feeds B column g = 2t + h with group h of its quad lane t's unit (pairs 0-7 or 8-15; the other 24
-lanes feed zeros), so column 2t + h of the result is that group's dot for the quad's two rows, and it
-lands in lane (g, t) itself. The A operands are then the raw codes, one LOP3 a pair (:func:`decode_gc_c`:
-``q + c_p`` exactly, under an fp16 exponent that makes the field's unit 1), against 3 instructions a pair
-with the statistics folded into fp16 weights; scale, zero and ``c_p`` apply per group afterwards in fp32,
-``acc += s * (dot - C - z * S)``, with C and S per-group sums of the staged activations written by the
-xprep kernel. One set of 8 mmas per activation row.
+A group-column variant (the mma's N holding the weights' groups, the codes as raw A operands and the
+statistics applied per group in fp32) was built and measured in session 12: 1.3-2.4x slower than this
+layout at 1-8 rows (BENCHMARKS.md), so it was removed.
 
 Needs what the CUDA GEMV needs (:func:`.cuda_gemv.unsupported_reason`) and at most 16 activation rows.
 """
@@ -54,8 +48,6 @@ from effllm_kernels.spqr.pair_asm import BF16_SCALE, MAGIC, _direct_slots, _f16x
 
 #: Most activation rows a call takes (two n-tiles of 8).
 MAX_M = 16
-#: Most activation rows with group columns (their staging grows with the rows; past it a launch uses rows).
-GC_MAX_M = 8
 #: Weight scale before rounding to fp16 (undone by the activations' 2**-8: the product is unscaled).
 WS = 256.0
 
@@ -65,16 +57,13 @@ class CudaMmaConfig:
     """Units per block at most (whole 16-unit outlier buckets; 48 KB of shared memory bounds it at 32),
     minimum resident blocks per SM (launch bounds), the blocks per SM the K split aims at, steps the
     loads run ahead of the math (registers: a ring of ``prefetch + 1`` steps), outliers per row and bucket
-    loaded before the K loop, and the mma's N: activation rows (``group_cols`` False) or the weights'
-    groups (True: :func:`decode_gc_c`, one activation row per set of mmas; fewer instructions per
-    weight at a few rows)."""
+    loaded before the K loop."""
 
     units: int = 32
     min_blocks: int = 2
     per_sm: float = 2.0
     prefetch: int = 1
     out_batch: int = 4
-    group_cols: bool = False
 
     def __post_init__(self) -> None:
         if (self.units not in (16, 32) or min(self.min_blocks, self.prefetch, self.out_batch) < 1
@@ -87,20 +76,13 @@ def n_tiles(m: int) -> int:
     return -(-m // 8)
 
 
-def staged_rows(cfg: CudaMmaConfig, m: int) -> int:
-    """Activation rows staged per unit: whole n-tiles of 8 (zeros past ``m``), or ``m`` with group columns."""
-    return m if cfg.group_cols else 8 * n_tiles(m)
-
-
 def shared_bytes(cfg: CudaMmaConfig, m: int, stat_bits: int, stat_group: int) -> int:
-    """Static shared memory of a variant at batch ``m`` (staged activations (and with group columns their
-    per-group sums), then the statistics coefficients and the output tile, which share one buffer)."""
+    """Static shared memory of a variant at batch ``m`` (staged activations, then the statistics
+    coefficients and the output tile, which share one buffer)."""
     nbt = 128 // stat_group if 128 % stat_group == 0 else -(-128 // stat_group) + 1
     st2 = 0 if stat_bits == STAT_FP16 else 2 * cfg.units * nbt * 16
-    rows = staged_rows(cfg, m)
+    rows = 8 * n_tiles(m)
     red = ROWS * (rows + 4) * 4
-    if cfg.group_cols:  # padded units of 8 chunks a row, the group sums, the zero B operands
-        return cfg.units * (rows * 144 + 16) + rows * 128 + max(st2, red) + 16
     return cfg.units * rows * 64 + max(st2, red) + 16
 
 
@@ -142,27 +124,6 @@ def pair_offsets(bits: int) -> list[int]:
     pair 15, assembled at bit 0: 0)."""
     shift = bits * _direct_slots(bits)
     return [0 if w < 0 else (s - shift if s + bits > 10 else s) for _, _, w, s in pair_layout(bits)]
-
-
-def gc_pair_bias(bits: int) -> list[float]:
-    """Per pair: what its LOP3 adds to each code in :func:`decode_gc_c` (2**(10 - field offset))."""
-    return [2.0 ** (10 - s) for s in pair_offsets(bits)]
-
-
-def decode_gc_c(bits: int) -> str:
-    """C statements for group columns: the 16 pairs of one unit of the thread's two rows as the A operands
-    of 8 mmas, ``A[i]`` = (row 0 pair i, row 1 pair i, row 0 pair 8 + i, row 1 pair 8 + i), each pair one
-    LOP3 into the mantissa of an fp16 whose exponent makes the field's unit 1: the exact ``q + c_p`` with
-    ``c_p`` = :func:`gc_pair_bias` (a field at offset s under exponent 25 - s reads 2**(10 - s) + q). No
-    statistics here: the mma's N holds the two groups of each lane's unit (pairs 0-7 / 8-15), so scale,
-    zero and ``c_p`` apply to whole group dots afterwards, in fp32."""
-    shift = bits * _direct_slots(bits)
-    lines = [f"const u32 h{r}{w} = w{r}[{w}] >> {shift};" for r in range(2) for w in range(bits)]
-    for p, se in enumerate(pair_offsets(bits)):
-        e = (25 - se) << 10
-        for r in range(2):
-            lines.append(f"A[{p & 7}].{'xyzw'[(p >> 3) * 2 + r]} = {_pair_lop3(bits, r, p, f'{e | e << 16:#x}u')};")
-    return "\n".join("    " + line for line in lines)
 
 
 def scratch_need(t, m: int, cfg: CudaMmaConfig, sms: int) -> tuple[int, int]:
@@ -221,12 +182,6 @@ def emulate_decode_c(bits: int, words: tuple[list[int], list[int]], s2: list[lis
                                    "s2": s2, "n2": n2, "hfma2": hfma2, "hadd2": hadd2})
 
 
-def emulate_decode_gc_c(bits: int, words: tuple[list[int], list[int]]) -> list[list[int]]:
-    """Run the statements of :func:`decode_gc_c` in Python (tests): the words of the two rows -> ``A`` as
-    8 x 4 fp16x2 bit patterns."""
-    return _run_c(decode_gc_c(bits), {"w0": [w & 0xFFFFFFFF for w in words[0]], "w1": [w & 0xFFFFFFFF for w in words[1]]})
-
-
 def _run_c(text: str, env: dict) -> list[list[int]]:
     env = {**env, "lop3": lambda a, b, c: (a & b) | c, "A": [[0] * 4 for _ in range(8)]}
     for line in text.splitlines():
@@ -248,10 +203,8 @@ def source(bits: int, stat_bits: int, stat_group: int, cfg: CudaMmaConfig, m: in
     if shared_bytes(cfg, m, stat_bits, stat_group) > 48 * 1024:
         raise ValueError(f"CudaMmaConfig {cfg}: {shared_bytes(cfg, m, stat_bits, stat_group)} bytes of shared "
                          f"memory at {m} activation rows (48 KB at most)")
-    gc_bias = ", ".join(f"{v!r}f" for v in gc_pair_bias(bits))
     defs = {
-        "BITS": bits, "SB": stat_bits, "SG": stat_group, "NT": n_tiles(m), "MR": m, "GC": int(cfg.group_cols),
-        "T": staged_rows(cfg, m), "UB": cfg.units, "MINB": cfg.min_blocks,
+        "BITS": bits, "SB": stat_bits, "SG": stat_group, "NT": n_tiles(m), "MR": m, "UB": cfg.units, "MINB": cfg.min_blocks,
         "PF": cfg.prefetch, "OB": cfg.out_batch,
         "BUCKET": BUCKET, "HAS_OUT": int(has_out), "BIAS": bias, "XSC": f"{BF16_SCALE!r}f", "WS": f"{WS!r}f",
         "PW": cuda_gemv.pairs_per_half(bits),
@@ -260,9 +213,6 @@ def source(bits: int, stat_bits: int, stat_group: int, cfg: CudaMmaConfig, m: in
     head += "".join(f"#define {name}({arg}) ({expr})\n" for name, (arg, expr) in _PAIR_MACROS.items())
     dec = ("__device__ __forceinline__ void decode_unit(const u32* w0, const u32* w1, const u32 (*s2)[2], "
            "const u32 (*n2)[2], uint4* A) {\n" + decode_c(bits) + "\n}\n")
-    dec += ("__device__ __forceinline__ void decode_unit_gc(const u32* w0, const u32* w1, uint4* A) {\n"
-            + decode_gc_c(bits) + "\n}\n")
-    dec += f"__constant__ float c_pair[16] = {{{gc_bias}}};\n"
     return head + COMMON_C + _SOURCE_HEAD + dec + _SOURCE
 
 
@@ -289,61 +239,31 @@ __device__ __forceinline__ uint2 ld2(const u32* p) { return *(const uint2*)p; }
 """
 
 _SOURCE = r"""
-// T: activation rows staged per unit (NT n-tiles of 8, or MR with group columns)
+#define T (NT * 8)        // activation rows staged per unit: the call's n-tiles
 #define OFF ((float)(1 << (BITS - 1)))
-#define XC (GC ? 8 : 4)       // 16-byte chunks per staged (unit, row)
-#define US (T * 8 + 1)        // group columns: chunks per staged unit (one of padding: a quad's loads never
-                              // share a bank, with no swizzle: the per-step addresses are base + constant)
-// the staged chunk q of (unit ul, row m): swizzled (rows) or in a padded unit (group columns)
-#define XCH(ul, m, q) (GC ? (ul) * US + (m) * 8 + (q) : ((ul) * T + (m)) * 4 + ((q) ^ ((ul) & 3)))
-#define SWS (GC ? 1.0f : WS)     // the scale's factor: WS for weights decoded into fp16, 1 for group columns
-#define ZOFF (GC ? 0.f : OFF)    // the zero's offset: centred codes, or the codes as they are
+// the staged chunk q of (unit ul, row m), swizzled so that the quads' 16-byte reads never share a bank
+#define XCH(ul, m, q) (((ul) * T + (m)) * 4 + ((q) ^ ((ul) & 3)))
 #define NBT (128 % SG == 0 ? 128 / SG : (128 + SG - 1) / SG + 1)
 #define RS (T + 4)        // row stride of the output tile in shared memory
 #define NCHM (UB * 32 / BUCKET)
 
 // x [M, K] (bf16, rows stride_xm) -> xp [n_units][T][16] fp16 pairs, scaled by XSC, through perm, in
-// pair order (codes PA(p), PB(p) of each unit), rows >= M and columns >= K zero (with group columns
-// [n_units][T][32], each pair next to a zero: the B operands of step_math_gc as they are loaded). Also
-// cx [n_units][T] = (C0, C1, S0, S1): per group of the unit, the sum of its staged values weighted by the
-// pairs' c_pair (C) and plain (S), in fp32 (8 lanes, a fixed order).
+// pair order (codes PA(p), PB(p) of each unit), rows >= M and columns >= K zero.
 extern "C" __global__ void spqr_mma_xprep(const u16* __restrict__ x, const int* __restrict__ perm,
-                                          u32* __restrict__ xp, float* __restrict__ cx, int M, int K,
-                                          int stride_xm, int n_units, int has_perm) {
+                                          u32* __restrict__ xp, int M, int K, int stride_xm, int n_units,
+                                          int has_perm) {
     const int e = blockIdx.x * blockDim.x + threadIdx.x;
-    const bool in = e < n_units * T * 16;  // (no early exit: whole warps take part in the sums)
+    if (e >= n_units * T * 16) return;
     const int p = e & 15, m = (e >> 4) % T, u = e / (16 * T);
     const int ka = u * 32 + PA(p), kb = u * 32 + PB(p);
     u32 v = 0;
-    if (in && m < M) {
+    if (m < M) {
         const u16* xr = x + (size_t)m * stride_xm;
         const float a = ka < K ? bf16_f(xr[has_perm ? perm[ka] : ka]) : 0.f;
         const float b = kb < K ? bf16_f(xr[has_perm ? perm[kb] : kb]) : 0.f;
         v = pack2(b * XSC, a * XSC);
     }
-#if GC
-    // B operands as they are read: per (unit, row) 32 words, [x_i, 0] for pairs i < 8 (column 2t: group 0)
-    // then [0, x_8+i] (column 2t + 1: group 1)
-    if (in) {
-        const size_t o = (size_t)(e >> 4) * 32 + 2 * p + (p >> 3);
-        xp[o] = v;
-        xp[o + (p < 8 ? 1 : -1)] = 0u;
-    }
-#else
-    if (in) xp[e] = v;
-#endif
-#if GC
-    float sx = h_f((u16)(v & 0xFFFFu)) + h_f((u16)(v >> 16)), cs = c_pair[p] * sx;
-#pragma unroll
-    for (int o = 1; o < 8; o <<= 1) {
-        sx += __shfl_xor_sync(0xffffffffu, sx, o);
-        cs += __shfl_xor_sync(0xffffffffu, cs, o);
-    }
-    if (in && (p & 7) == 0) {
-        cx[(size_t)(u * T + m) * 4 + (p >> 3)] = cs;
-        cx[(size_t)(u * T + m) * 4 + 2 + (p >> 3)] = sx;
-    }
-#endif
+    xp[e] = v;
 }
 
 // The loads of one step of a thread: its unit's code words and first-level statistics words of its
@@ -380,18 +300,13 @@ __device__ __forceinline__ void outlier_terms(u32 wd, int c, const uint4* xs, fl
     const int kl = c * BUCKET + (int)(wd & 0xFFFFu), ul = kl >> 5, cc = kl & 31;
     const int p = PAIR_OF(cc), half = HALF_OF(cc);
     const float v = h_f((u16)(wd >> 16));
-#if GC
-    const int q = 4 * (p >> 3) + ((p & 7) >> 1);  // word 2p + p / 8 of the row's 32
-    const u16* ch = (const u16*)&xs[XCH(ul, 0, q)] + 2 * (2 * (p & 1) + (p >> 3)) + half;
-#else
     const u16* ch = (const u16*)&xs[XCH(ul, 0, p >> 2)] + 2 * (p & 3) + half;  // 16-bit loads: no shift
-#endif
 #pragma unroll
-    for (int i = 0; i < MR; ++i) outl[i] = fmaf(v, h_f(ch[8 * XC * i]), outl[i]);
+    for (int i = 0; i < MR; ++i) outl[i] = fmaf(v, h_f(ch[32 * i]), outl[i]);
 }
 
-// The statistics of one step of a thread, per [row][group] of its unit ``ul`` (block-local): SWS * scale
-// and zero - ZOFF, in fp32.
+// The statistics of one step of a thread, per [row][group] of its unit ``ul`` (block-local): WS * scale
+// and zero - 2**(BITS-1), in fp32.
 __device__ __forceinline__ void step_stats(const Step& a, int ul, int ub, const float4* st2, int blk,
                                            float (*sc)[2], float (*zc)[2]) {
 #if SB != 16
@@ -413,8 +328,8 @@ __device__ __forceinline__ void step_stats(const Step& a, int ul, int ub, const 
     for (int r = 0; r < 2; ++r)
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-            sc[r][c] = h_f((u16)(a.s[c].x >> (16 * r))) * SWS;
-            zc[r][c] = h_f((u16)(a.z[c].x >> (16 * r))) - ZOFF;
+            sc[r][c] = h_f((u16)(a.s[c].x >> (16 * r))) * WS;
+            zc[r][c] = h_f((u16)(a.z[c].x >> (16 * r))) - OFF;
         }
 #endif
 }
@@ -422,7 +337,7 @@ __device__ __forceinline__ void step_stats(const Step& a, int ul, int ub, const 
 // The math of one step of a thread: its unit ``ul`` (block-local) of its two rows, decoded with the
 // unit's statistics into the A operands of 8 mmas per n-tile of activation rows.
 __device__ __forceinline__ void step_math(const Step& a, int ul, int ub, const float4* st2, int blk,
-                                          const uint4 (*xs)[T][XC], int g, float (*acc)[4]) {
+                                          const uint4 (*xs)[T][4], int g, float (*acc)[4]) {
     u32 s2[2][2], n2[2][2];  // [row][group]: fp16x2 (WS * scale, -WS * scale * (zero - 2**(BITS-1)))
     {
         float sc[2][2], zc[2][2];
@@ -456,53 +371,15 @@ __device__ __forceinline__ void step_math(const Step& a, int ul, int ub, const f
     }
 }
 
-// The same step with group columns: the A operands are the raw codes (plus c_pair, one LOP3 a pair), and
-// the mma's column 2t + h sums group h of quad lane t's unit: lane (g, t) feeds its unit's pairs 0-7 as B
-// column g = 2t (h = 0) or pairs 8-15 as column 2t + 1 (h = 1), zeros elsewhere. So each lane gets the
-// dots of its own rows and groups back (C fragment: rows g, g + 8 x columns 2t, 2t + 1), for every
-// activation row m: acc[m][r] += scale * (dot - C - zero * S) in fp32 (C, S: the xprep sums).
-__device__ __forceinline__ void step_math_gc(const Step& a, int ul, int ub, const float4* st2, int blk,
-                                             const uint4* xb, const float4* cxu, float (*acc)[2]) {
-    float sc[2][2], zc[2][2];
-    step_stats(a, ul, ub, st2, blk, sc, zc);
-    uint4 A[8];
-    {
-        u32 w0[BITS], w1[BITS];
-#pragma unroll
-        for (int w = 0; w < BITS; ++w) { w0[w] = a.w[w].x; w1[w] = a.w[w].y; }
-        decode_unit_gc(w0, w1, A);
-    }
-#pragma unroll
-    for (int m = 0; m < T; ++m) {
-        const float4 c = cxu[m];
-        float d[4] = {-c.x, -c.y, -c.x, -c.y};
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {  // (b0, b1) of mmas 2q, 2q + 1: this lane's column, row m
-            const uint4 b = xb[m * 8 + q];
-            mma(d, A[2 * q].x, A[2 * q].y, A[2 * q].z, A[2 * q].w, b.x, b.y);
-            mma(d, A[2 * q + 1].x, A[2 * q + 1].y, A[2 * q + 1].z, A[2 * q + 1].w, b.z, b.w);
-        }
-        acc[m][0] = fmaf(sc[0][0], fmaf(-zc[0][0], c.z, d[0]), acc[m][0]);
-        acc[m][0] = fmaf(sc[0][1], fmaf(-zc[0][1], c.w, d[1]), acc[m][0]);
-        acc[m][1] = fmaf(sc[1][0], fmaf(-zc[1][0], c.z, d[2]), acc[m][1]);
-        acc[m][1] = fmaf(sc[1][1], fmaf(-zc[1][1], c.w, d[3]), acc[m][1]);
-    }
-}
-
 extern "C" __global__ void __launch_bounds__(256, MINB)
-spqr_mma_cuda(const uint4* __restrict__ xp, const float4* __restrict__ cx, const u32* __restrict__ qw, const u32* __restrict__ sq,
+spqr_mma_cuda(const uint4* __restrict__ xp, const u32* __restrict__ qw, const u32* __restrict__ sq,
               const u32* __restrict__ zq, const u16* __restrict__ sst, const u16* __restrict__ zst,
               const int* __restrict__ bptr, const u32* __restrict__ ent, const void* __restrict__ bias,
               u16* __restrict__ y, float* __restrict__ ws, int* __restrict__ cnt,
               int M, int N, int G, int NBLK, int n_units, int NSW, int KS, int UPB, int NBK)
 {
-    // the block's activations: (unit, row) -> 16 fp16 pairs as 4 chunks of 16 bytes, chunk q at q ^ (unit & 3);
-    // with group columns 32 words (each pair next to a zero) as 8 chunks, units padded by one (XCH)
-    __shared__ __align__(16) uint4 xs[GC ? UB * US : UB * T * XC];
-#if GC
-    __shared__ __align__(16) float4 cxs[UB][T];  // (C0, C1, S0, S1) per unit and activation row
-    __shared__ __align__(16) uint4 xzero[8 * T];   // the B operands of lanes that feed no column
-#endif
+    // the block's activations: (unit, row) -> 16 fp16 pairs as 4 chunks of 16 bytes, chunk q at q ^ (unit & 3)
+    __shared__ __align__(16) uint4 xs[UB * T * 4];
 #if SB != 16
     __shared__ __align__(16) float buf[(2 * UB * NBT * 4 > 128 * RS) ? 2 * UB * NBT * 4 : 128 * RS];
     float4* st2 = (float4*)buf;  // (As, Bs, Az, Bz) per (group, statistics block); then the output tile
@@ -534,25 +411,11 @@ spqr_mma_cuda(const uint4* __restrict__ xp, const float4* __restrict__ cx, const
 #endif
     // 2. the activations (cp.async, zero past the block's units), the second-level statistics as FMA
     //    coefficients: scale * WS = As * f + Bs, zero - 2**(BITS-1) = Az * f + Bz, f = 1 + code * 2**-SB
-    for (int e = tid; e < UB * T * XC; e += 256) {
-        const int ul = e / (T * XC), m = (e / XC) % T, q = e % XC;
+    for (int e = tid; e < UB * T * 4; e += 256) {
+        const int ul = e / (T * 4), m = (e / 4) % T, q = e % 4;
         const bool ok = ul < nb;
-        cp_async16(&xs[XCH(ul, m, q)], xp + ((size_t)(ok ? ub + ul : 0) * T + m) * XC + q, ok);
+        cp_async16(&xs[XCH(ul, m, q)], xp + ((size_t)(ok ? ub + ul : 0) * T + m) * 4 + q, ok);
     }
-#if GC
-    for (int e = tid; e < UB * T; e += 256) {
-        const int ul = e / T, m = e % T;
-        const bool ok = ul < nb;
-        cp_async16(&cxs[ul][m], cx + (size_t)(ok ? ub + ul : 0) * T + m, ok);
-    }
-    for (int e = tid; e < 8 * T; e += 256) xzero[e] = make_uint4(0u, 0u, 0u, 0u);
-    // this lane's B column: group h of quad lane t's unit (h = g - 2t in {0, 1}), else zeros; per step
-    // the pointers move by whole units
-    const int hcol = g - 2 * t;
-    const bool feeds = hcol == 0 || hcol == 1;
-    const uint4* xb0 = feeds ? &xs[t * US + 4 * hcol] : xzero;
-    const int xstep = feeds ? 4 * US : 0;
-#endif
     asm volatile("cp.async.commit_group;");
 #if SB != 16
     for (int e = tid; e < 2 * UB * NBT; e += 256) {
@@ -561,7 +424,7 @@ spqr_mma_cuda(const uint4* __restrict__ xp, const float4* __restrict__ cx, const
         const size_t o = (size_t)(2 * gg) * NBLK + b;
         const float s0 = h_f(sst[o]), s1 = h_f(sst[o + NBLK]), z0 = h_f(zst[o]), z1 = h_f(zst[o + NBLK]);
         const float as = s0 * (float)(1 << SB), az = z0 * (float)(1 << SB);
-        st2[e] = make_float4(as * SWS, -(as + s0 * s1) * SWS, az, -(az + z0 * z1) - ZOFF);
+        st2[e] = make_float4(as * WS, -(as + s0 * s1) * WS, az, -(az + z0 * z1) - OFF);
     }
     const int blk = (tile * 128 + warp * 16) / SG - (tile * 128) / SG;
 #define ST2 st2
@@ -584,15 +447,9 @@ spqr_mma_cuda(const uint4* __restrict__ xp, const float4* __restrict__ cx, const
 #endif
 
     // 3. the K loop: the loads of step j + PF go out before the math of step j (a ring of PF + 1 steps)
-#if GC
-    float acc[T][2];
-#pragma unroll
-    for (int m = 0; m < T; ++m) acc[m][0] = acc[m][1] = 0.f;
-#else
     float acc[NT][4];
 #pragma unroll
     for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-#endif
 #pragma unroll 1
     for (int j0 = 0; j0 < steps; j0 += PF + 1) {
 #pragma unroll
@@ -601,11 +458,7 @@ spqr_mma_cuda(const uint4* __restrict__ xp, const float4* __restrict__ cx, const
             if (j < steps) {
                 if (j + PF < steps)
                     load_step(ring[(r + PF) % (PF + 1)], ub + 4 * (j + PF) + t, qw, sq, zq, N, lrow, n_units, NSW, G);
-#if GC
-                step_math_gc(ring[r], 4 * j + t, ub, ST2, BLK, xb0 + j * xstep, &cxs[4 * j + t][0], acc);
-#else
-                step_math(ring[r], 4 * j + t, ub, ST2, BLK, (const uint4 (*)[T][XC])xs, g, acc);
-#endif
+                step_math(ring[r], 4 * j + t, ub, ST2, BLK, (const uint4 (*)[T][4])xs, g, acc);
             }
         }
     }
@@ -614,24 +467,12 @@ spqr_mma_cuda(const uint4* __restrict__ xp, const float4* __restrict__ cx, const
     //    the thread's row in the block's buckets (two threads per row, every other outlier each)
     __syncthreads();
     float* red = buf;
-#if GC
-#pragma unroll
-    for (int m = 0; m < T; ++m)  // the quad's four units, added in a fixed order (every lane the same sum)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float v = acc[m][r];
-            v += __shfl_xor_sync(0xffffffffu, v, 1);
-            v += __shfl_xor_sync(0xffffffffu, v, 2);
-            if (t == 0) red[(warp * 16 + 2 * g + r) * RS + m] = v * (1.0f / XSC);
-        }
-#else
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
         const int r0 = warp * 16 + 2 * g, c0 = 8 * n + 2 * t;
         *(float2*)&red[r0 * RS + c0] = make_float2(acc[n][0], acc[n][1]);
         *(float2*)&red[(r0 + 1) * RS + c0] = make_float2(acc[n][2], acc[n][3]);
     }
-#endif
 #if HAS_OUT
     {
         float outl[MR];
@@ -709,9 +550,7 @@ def launch(x2: torch.Tensor, t, bias: torch.Tensor | None, y: torch.Tensor, cfg:
 
     m, k = x2.shape
     n = t.out_features
-    if cfg.group_cols and m > GC_MAX_M:
-        cfg = replace(cfg, group_cols=False)
-    rows = staged_rows(cfg, m)
+    rows = 8 * n_tiles(m)
     fp16_stats = t.stat_bits == STAT_FP16
     if bias is not None and (bias.dtype not in BIAS_CODES or bias.stride(-1) != 1):
         bias = bias.float().contiguous()
@@ -723,9 +562,7 @@ def launch(x2: torch.Tensor, t, bias: torch.Tensor | None, y: torch.Tensor, cfg:
     n_units = -(-k // 32)
     prep, kern = _kernels(t.bits, t.stat_bits, 16 if fp16_stats else t.stat_group, cfg_b, m, t.nnz > 0,
                           0 if bias is None else BIAS_CODES[bias.dtype], x2.device.index or 0)
-    words = 32 if cfg.group_cols else 16  # staged words per (unit, row), then (group columns) the group sums
-    xp = torch.empty(n_units * rows * (words + 4 * cfg.group_cols), dtype=torch.int32, device=x2.device)
-    cx = xp[n_units * rows * words:]
+    xp = torch.empty(n_units * rows * 16, dtype=torch.int32, device=x2.device)  # 16 pair words per (unit, row)
     if split > 1:
         ws, cnt = SCRATCH.get(x2.device, split * m * n, tiles)
     else:
@@ -735,10 +572,10 @@ def launch(x2: torch.Tensor, t, bias: torch.Tensor | None, y: torch.Tensor, cfg:
     bptr, ent = (t.outlier_buckets[:nb], t.outlier_buckets[nb:]) if t.nnz else (dummy, dummy)
     with torch.cuda.device(x2.device):
         prep(grid=(math.ceil(n_units * rows * 16 / 256), 1, 1), block=(256, 1, 1),
-             args=[x2, t.perm if t.perm is not None else dummy, xp, cx, m, k, x2.stride(0), n_units,
+             args=[x2, t.perm if t.perm is not None else dummy, xp, m, k, x2.stride(0), n_units,
                    int(t.perm is not None)])
         kern(grid=(tiles, split, 1), block=(256, 1, 1),
-             args=[xp, cx, t.qweight, t.scale_q, t.zero_q, dummy if fp16_stats else t.scale_stats,
+             args=[xp, t.qweight, t.scale_q, t.zero_q, dummy if fp16_stats else t.scale_stats,
                    dummy if fp16_stats else t.zero_stats, bptr, ent, bias if bias is not None else y, y, ws, cnt,
                    m, n, t.n_groups, t.n_blocks, n_units, t.scale_q.shape[0], split, upb, -(-k // BUCKET)])
 

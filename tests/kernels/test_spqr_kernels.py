@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from effllm_kernels import dispatch
-from effllm_kernels.packing import pack_codes, packed_words, unpack_codes
+from effllm_kernels.packing import packed_words, unpack_codes
 from effllm_kernels.spqr import (
     SpqrKernelTensors,
     SpqrTensors,
@@ -30,7 +30,7 @@ from effllm_kernels.spqr import (
     unpack,
 )
 from effllm_kernels.spqr.op import op_args, op_meta
-from effllm_kernels.spqr.repack import PAIRED_BITS, paired_position, repack_qweight
+from effllm_kernels.spqr.repack import PAIRED_BITS, paired_position
 from effllm_kernels.spqr.testing import random_spqr_tensors
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -701,103 +701,6 @@ def test_cuda_mma_decode_fills_the_mma_operands_like_the_pair_decode(bits: int) 
                 assert got[p >> 1][(p & 1) * 2 + r] == _pack(want[2 * p], want[2 * p + 1]), (bits, r, p)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_cuda_mma_group_column_decode_gives_each_code_plus_its_pair_bias(bits: int) -> None:
-    """With group columns the decode is one LOP3 a pair: A[i] = (r0 p_i, r1 p_i, r0 p_8+i, r1 p_8+i), each
-    half exactly code + gc_pair_bias[p] (the fp16 exponent that makes the field's unit 1), for random
-    words: the codes the pair decode (pair_asm.decode_asm, emulated, scale 1) centres, plus the centring."""
-    import struct
-
-    import numpy as np
-
-    from effllm_kernels.spqr.cuda_mma import emulate_decode_gc_c, gc_pair_bias
-    from effllm_kernels.spqr.pair_asm import _halves, decode_asm, emulate_decode
-
-    rng = np.random.default_rng(10 + bits)
-    asm, _ = decode_asm(bits)
-    one = struct.unpack("<I", struct.pack("<f", 1.0))[0]
-    bias = gc_pair_bias(bits)
-    assert all(b in (2.0**e for e in range(1, 11)) for b in bias)
-    for _ in range(20):
-        words = [[int(v) for v in rng.integers(0, 2**32, size=bits)] for _ in range(2)]
-        got = emulate_decode_gc_c(bits, (words[0], words[1]))
-        for r in range(2):
-            want = emulate_decode(asm, words[r] + [words[r][0]] * (4 - bits) + [one, 0, one, 0])  # q - 2**(bits-1)
-            for p in range(16):
-                lo, hi = _halves(got[p & 7][(p >> 3) * 2 + r])
-                assert (lo, hi) == (want[2 * p] + 2 ** (bits - 1) + bias[p], want[2 * p + 1] + 2 ** (bits - 1) + bias[p])
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_cuda_mma_group_column_data_flow_gives_the_layer_output(bits: int) -> None:
-    """The group-column mode's data flow, one warp-step in Python: 16 rows x 4 units (one per quad lane),
-    two activation rows. The A operands come from the generated C (:func:`emulate_decode_gc_c`) of random
-    codes in the kernel layout (pack_codes, then repack_qweight); B is each lane's staged chunk as the xprep kernel lays it out ([x_i, 0] / [0, x_8+i] for
-    lanes g = 2t / 2t + 1, zeros for the rest); the m16n8k16 fragments map lanes to A / B / C elements as
-    the PTX ISA defines them; C and S are the xprep group sums. Then acc += s * (dot - C - z * S) per lane
-    and the quad sum must equal sum_k s * (q - z) * x for every row (float64: the algebra and the lane
-    mapping, exactly)."""
-    import numpy as np
-
-    from effllm_kernels.spqr.cuda_mma import emulate_decode_gc_c, gc_pair_bias
-    from effllm_kernels.spqr.pair_asm import _halves, pair_layout
-
-    rng = np.random.default_rng(bits)
-    M, rows, units = 2, 16, 4
-    q = rng.integers(0, 2**bits, size=(rows, units * 32))
-    sc = rng.uniform(0.5, 2.0, size=(rows, units * 2))  # per (row, group of 16)
-    z = rng.uniform(0, 2**bits - 1, size=(rows, units * 2))
-    x = np.float16(rng.standard_normal((M, units * 32))).astype(np.float64)
-    layout, c_p = pair_layout(bits), gc_pair_bias(bits)
-    # xprep: per (unit, row m) 32 words (B operands) and (C0, C1, S0, S1)
-    staged = np.zeros((units, M, 32, 2))  # [word] -> (low, high) fp16 value
-    sums = np.zeros((units, M, 4))
-    for u in range(units):
-        for m in range(M):
-            for p, (a, b, _, _) in enumerate(layout):
-                pair = (x[m, u * 32 + a], x[m, u * 32 + b])
-                staged[u, m, 2 * p + (p >> 3)] = pair
-                sums[u, m, p >> 3] += c_p[p] * sum(pair)
-                sums[u, m, 2 + (p >> 3)] += sum(pair)
-    acc = np.zeros((32, M, 2))  # lane, activation row, the lane's two rows
-    kw = repack_qweight(pack_codes(torch.from_numpy(q).to(torch.int32), bits), units * 32, bits)  # [u * bits + w, n]
-    a_ops = {}
-    for lane in range(32):
-        g, t = lane >> 2, lane & 3
-        words = [[int(v) & 0xFFFFFFFF for v in kw[t * bits:(t + 1) * bits, 2 * g + r]] for r in range(2)]
-        a_ops[lane] = emulate_decode_gc_c(bits, (words[0], words[1]))
-    for m in range(M):
-        d = np.zeros((16, 8))
-        for lane in range(32):  # C init: -C of the lane's unit per column
-            g, t = lane >> 2, lane & 3
-            d[g, 2 * t], d[g, 2 * t + 1] = -sums[t, m, 0], -sums[t, m, 1]
-            d[g + 8, 2 * t], d[g + 8, 2 * t + 1] = -sums[t, m, 0], -sums[t, m, 1]
-        for i in range(8):  # mma i: A rows x k, B k x columns, from every lane's fragments
-            A, B = np.zeros((16, 16)), np.zeros((16, 8))
-            for lane in range(32):
-                g, t = lane >> 2, lane & 3
-                op = a_ops[lane][i]
-                A[g, 2 * t:2 * t + 2], A[g + 8, 2 * t:2 * t + 2] = _halves(op[0]), _halves(op[1])
-                A[g, 2 * t + 8:2 * t + 10], A[g + 8, 2 * t + 8:2 * t + 10] = _halves(op[2]), _halves(op[3])
-                h = g - 2 * t
-                chunk = staged[t, m, 16 * h + 4 * (i >> 1):16 * h + 4 * (i >> 1) + 4] if h in (0, 1) else np.zeros((4, 2))
-                b0, b1 = chunk[2 * (i & 1)], chunk[2 * (i & 1) + 1]  # (b.x, b.y) or (b.z, b.w)
-                B[2 * t:2 * t + 2, g], B[2 * t + 8:2 * t + 10, g] = b0, b1
-            d += A @ B
-        for lane in range(32):
-            g, t = lane >> 2, lane & 3
-            for r in range(2):
-                for h in range(2):
-                    row, grp = 2 * g + r, 2 * t + h
-                    dot = d[g + 8 * r, 2 * t + h]
-                    acc[lane, m, r] += sc[row, grp] * (dot - z[row, grp] * sums[t, m, 2 + h])
-    w = sc.repeat(16, axis=1) * (q - z.repeat(16, axis=1))
-    want = x @ w.T  # [M, rows]
-    for g in range(8):
-        got = acc[4 * g:4 * g + 4].sum(axis=0)  # the quad's units
-        np.testing.assert_allclose(got.T, want[:, 2 * g:2 * g + 2].T, rtol=1e-9, atol=1e-9)
-
-
 def test_a_failed_cuda_build_is_reported_once_and_switches_both_cuda_kernels_off(monkeypatch, caplog) -> None:
     """cuda_gemv.build (both CUDA kernels build through it): any NVRTC / driver failure becomes one
     CompileError, the first one of the process is logged once, and usable() turns False, so the launch
@@ -840,9 +743,8 @@ def test_cuda_mma_blocks_cover_every_unit_and_outlier_bucket_once_and_fit_shared
         layer = SimpleNamespace(in_features=k, out_features=n)
         n_units, n_buckets = -(-k // 32), -(-k // BUCKET)
         for m in range(1, cuda_mma.MAX_M + 1):
-            gc = [cuda_mma.CudaMmaConfig(group_cols=True), cuda_mma.CudaMmaConfig(16, 2, 4.0, group_cols=True)]
             for cfg in [cuda_mma.CudaMmaConfig(), cuda_mma.CudaMmaConfig(16, 2, 4.0), cuda_mma.CudaMmaConfig(32, 1, 1.0)] + [
-                    c for c in [cuda_mma.heuristic(layer, m, 132)] if c] + (gc if m <= cuda_mma.GC_MAX_M else []):
+                    c for c in [cuda_mma.heuristic(layer, m, 132)] if c]:
                 split, upb = cuda_mma.grid(layer, cfg, 132)
                 assert upb % per_bucket == 0 and upb <= cfg.units
                 units, buckets = [], []
@@ -877,15 +779,6 @@ _CUDA_MMA_CASES = [
     (1, 1024, 4096, 4, 3, 16, True, 0.05, None, (16, 2, 8.0)),
     (4, 4096, 512, 3, 3, 16, True, 0.02, torch.bfloat16, None),  # one K split: y written directly, with bias
     (9, 4, 16, 3, 3, 16, True, 0.1, None, None),  # one unit, one group, 4 rows: every clamp
-    # group columns (the mma's N holds each lane's two groups): 1-8 rows, the same spread of formats
-    (1, 4096, 4096, 3, 3, 16, True, 0.01, None, (32, 2, 2.0, 1, 4, True)),
-    (2, 14336, 4096, 3, 3, 16, True, 0.01, torch.bfloat16, (32, 2, 2.0, 1, 4, True)),
-    (3, 1000, 1100, 3, 3, 16, True, 0.03, None, (16, 2, 4.0, 1, 4, True)),
-    (1, 256, 2048, 2, 3, 32, False, 0.0, None, (32, 2, 2.0, 1, 4, True)),
-    (4, 512, 3000, 4, 16, 16, True, 0.02, torch.float32, (32, 2, 2.0, 1, 4, True)),
-    (1, 4096, 14336, 3, 2, 16, True, 0.01, None, (16, 2, 4.0, 1, 4, True)),
-    (8, 1024, 4096, 3, 4, 16, True, 0.01, torch.float16, (32, 1, 1.0, 1, 4, True)),
-    (1, 4, 16, 3, 3, 16, True, 0.1, None, (32, 2, 2.0, 1, 4, True)),
 ]
 
 
