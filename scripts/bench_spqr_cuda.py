@@ -10,6 +10,7 @@ over rotated input copies >= 480 MB, median of 20 replays, twice (the better med
     python scripts/bench_spqr_cuda.py --ms 2,4,8,16 --configs "mma:32:2:2.0:2,mma:16:2:4.0:1:4"
         # the CUDA tensor-core kernel: mma:units:min_blocks:per_sm:prefetch:out_batch
         # (CudaMmaConfig fields)
+    python scripts/bench_spqr_cuda.py --ms 2,4 --configs "mma:16:2:4.0:1:4" --no-triton   # shorter: no Triton row
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def main() -> int:
     ap.add_argument("--configs", default="", help="extra CUDA launches to time (see the module docstring)")
     ap.add_argument("--formats", default="3:3:0.01", help="bits:stat_bits:outlier density, comma separated")
     ap.add_argument("--rotate-mb", type=int, default=480)
+    ap.add_argument("--no-triton", action="store_true",
+                    help="skip the Triton fallback's row (a shorter A/B call of the CUDA kernels)")
     args = ap.parse_args()
     torch.manual_seed(0)
     specs = [s for s in args.configs.split(",") if s]
@@ -76,7 +79,9 @@ def main() -> int:
                 rows.append(f"| {fmt} | {n}x{k} | {m} | bf16 F.linear | {t_dense:.1f} | 1.00 | | {e_bf16:.2e} |")
                 heur = _cached_config(m, tuple(kt0.meta().items()), xs[0].device, xs[0].dtype)
                 triton = pick_config(m, kt0, xs[0].device, xs[0].dtype, cuda=False)
-                cases = [("heuristic: " + heur.path, None), (f"Triton ({triton.path})", triton)]
+                cases = [("heuristic: " + heur.path, None)]
+                if not args.no_triton:
+                    cases.append((f"Triton ({triton.path})", triton))
                 cases += [(f"cuda {s}", parse_config(s)) for s in specs]
                 for name, cfg in cases:
                     calls = [lambda t=t, x=x, cfg=cfg: spqr_matmul_triton(x, t, None, cfg)
