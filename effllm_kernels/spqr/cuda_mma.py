@@ -178,13 +178,9 @@ def emulate_decode_c(bits: int, words: tuple[list[int], list[int]], s2: list[lis
         (a0, a1), (b0, b1) = _halves(a), _halves(b)
         return _pack(a0 + b0, a1 + b1)
 
-    return _run_c(decode_c(bits), {"w0": [w & 0xFFFFFFFF for w in words[0]], "w1": [w & 0xFFFFFFFF for w in words[1]],
-                                   "s2": s2, "n2": n2, "hfma2": hfma2, "hadd2": hadd2})
-
-
-def _run_c(text: str, env: dict) -> list[list[int]]:
-    env = {**env, "lop3": lambda a, b, c: (a & b) | c, "A": [[0] * 4 for _ in range(8)]}
-    for line in text.splitlines():
+    env = {"w0": [w & 0xFFFFFFFF for w in words[0]], "w1": [w & 0xFFFFFFFF for w in words[1]], "s2": s2, "n2": n2,
+           "lop3": lambda a, b, c: (a & b) | c, "hfma2": hfma2, "hadd2": hadd2, "A": [[0] * 4 for _ in range(8)]}
+    for line in decode_c(bits).splitlines():
         target, expr = (part.strip().rstrip(";") for part in line.split("=", 1))
         expr = re.sub(r"(0x[0-9a-f]+)u", r"\1", expr)
         value = eval(expr, {}, env)  # noqa: S307 - the generator's own constant text
@@ -305,10 +301,11 @@ __device__ __forceinline__ void outlier_terms(u32 wd, int c, const uint4* xs, fl
     for (int i = 0; i < MR; ++i) outl[i] = fmaf(v, h_f(ch[32 * i]), outl[i]);
 }
 
-// The statistics of one step of a thread, per [row][group] of its unit ``ul`` (block-local): WS * scale
-// and zero - 2**(BITS-1), in fp32.
-__device__ __forceinline__ void step_stats(const Step& a, int ul, int ub, const float4* st2, int blk,
-                                           float (*sc)[2], float (*zc)[2]) {
+// The math of one step of a thread: its unit ``ul`` (block-local) of its two rows, decoded with the
+// unit's statistics into the A operands of 8 mmas per n-tile of activation rows.
+__device__ __forceinline__ void step_math(const Step& a, int ul, int ub, const float4* st2, int blk,
+                                          const uint4 (*xs)[T][4], int g, float (*acc)[4]) {
+    u32 s2[2][2], n2[2][2];  // [row][group]: fp16x2 (WS * scale, -WS * scale * (zero - 2**(BITS-1)))
 #if SB != 16
     const int sh0 = ((ub + ul) * 2 * SB) & 31;
 #pragma unroll
@@ -319,8 +316,10 @@ __device__ __forceinline__ void step_stats(const Step& a, int ul, int ub, const 
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
             const float4 k = st2[(2 * ul + c) * NBT + blk];
-            sc[r][c] = fmaf(k.x, mant(vs, c * SB), k.y);
-            zc[r][c] = fmaf(k.z, mant(vz, c * SB), k.w);
+            const float s = fmaf(k.x, mant(vs, c * SB), k.y), zc = fmaf(k.z, mant(vz, c * SB), k.w);
+            s2[r][c] = pack2(s, s);
+            const float nbv = -s * zc;
+            n2[r][c] = pack2(nbv, nbv);
         }
     }
 #else
@@ -328,29 +327,11 @@ __device__ __forceinline__ void step_stats(const Step& a, int ul, int ub, const 
     for (int r = 0; r < 2; ++r)
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-            sc[r][c] = h_f((u16)(a.s[c].x >> (16 * r))) * WS;
-            zc[r][c] = h_f((u16)(a.z[c].x >> (16 * r))) - OFF;
+            const float s = h_f((u16)(a.s[c].x >> (16 * r))) * WS, zc = h_f((u16)(a.z[c].x >> (16 * r))) - OFF;
+            s2[r][c] = pack2(s, s);
+            n2[r][c] = pack2(-s * zc, -s * zc);
         }
 #endif
-}
-
-// The math of one step of a thread: its unit ``ul`` (block-local) of its two rows, decoded with the
-// unit's statistics into the A operands of 8 mmas per n-tile of activation rows.
-__device__ __forceinline__ void step_math(const Step& a, int ul, int ub, const float4* st2, int blk,
-                                          const uint4 (*xs)[T][4], int g, float (*acc)[4]) {
-    u32 s2[2][2], n2[2][2];  // [row][group]: fp16x2 (WS * scale, -WS * scale * (zero - 2**(BITS-1)))
-    {
-        float sc[2][2], zc[2][2];
-        step_stats(a, ul, ub, st2, blk, sc, zc);
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-                s2[r][c] = pack2(sc[r][c], sc[r][c]);
-                const float nbv = -sc[r][c] * zc[r][c];
-                n2[r][c] = pack2(nbv, nbv);
-            }
-    }
     uint4 A[8];
     {
         u32 w0[BITS], w1[BITS];
@@ -571,9 +552,8 @@ def launch(x2: torch.Tensor, t, bias: torch.Tensor | None, y: torch.Tensor, cfg:
     nb = tiles * -(-k // BUCKET) * ROWS + 1
     bptr, ent = (t.outlier_buckets[:nb], t.outlier_buckets[nb:]) if t.nnz else (dummy, dummy)
     with torch.cuda.device(x2.device):
-        prep(grid=(math.ceil(n_units * rows * 16 / 256), 1, 1), block=(256, 1, 1),
-             args=[x2, t.perm if t.perm is not None else dummy, xp, m, k, x2.stride(0), n_units,
-                   int(t.perm is not None)])
+        prep(grid=(math.ceil(xp.numel() / 256), 1, 1), block=(256, 1, 1),
+             args=[x2, t.perm if t.perm is not None else dummy, xp, m, k, x2.stride(0), n_units, int(t.perm is not None)])
         kern(grid=(tiles, split, 1), block=(256, 1, 1),
              args=[xp, t.qweight, t.scale_q, t.zero_q, dummy if fp16_stats else t.scale_stats,
                    dummy if fp16_stats else t.zero_stats, bptr, ent, bias if bias is not None else y, y, ws, cnt,
