@@ -48,27 +48,36 @@ from effllm_kernels.spqr.pair_asm import BF16_SCALE, MAGIC, _direct_slots, _f16x
 
 #: Most activation rows a call takes (two n-tiles of 8).
 MAX_M = 16
+#: Static shared memory a block may declare; variants above it take dynamic shared memory, an opt-in per
+#: kernel, up to MAX_SHARED (compute capability 9.0's limit; 8.0 allows 163 KB, 8.6 / 8.9 99 KB: there the
+#: opt-in of a larger variant fails when it is built).
+STATIC_SHARED = 48 * 1024
+MAX_SHARED = 227 * 1024
 #: Weight scale before rounding to fp16 (undone by the activations' 2**-8: the product is unscaled).
 WS = 256.0
 
 
 @dataclass(frozen=True)
 class CudaMmaConfig:
-    """Units per block at most (whole 16-unit outlier buckets; 48 KB of shared memory bounds it at 32),
+    """Units per block at most (whole 16-unit outlier buckets; 64 units take 48 KB of activations and
+    statistics at 1-8 rows, 80 KB at 9-16: dynamic shared memory above 48 KB),
     minimum resident blocks per SM (launch bounds), the blocks per SM the K split aims at, steps the
     loads run ahead of the math (registers: a ring of ``prefetch + 1`` steps), outliers per row and bucket
-    loaded before the K loop."""
+    loaded before the K loop; ``stages`` >= 2 instead streams the steps' loads through a ring of that many
+    steps in shared memory (cp.async, ``stages - 1`` steps in flight, no registers held; ``prefetch`` unused)."""
 
     units: int = 32
     min_blocks: int = 2
     per_sm: float = 2.0
     prefetch: int = 1
     out_batch: int = 4
+    stages: int = 0
 
     def __post_init__(self) -> None:
-        if (self.units not in (16, 32) or min(self.min_blocks, self.prefetch, self.out_batch) < 1
-                or self.per_sm <= 0):  # 48 units do not fit 48 KB of shared memory at 16 rows
-            raise ValueError(f"CudaMmaConfig: {self} (units 16 or 32, min_blocks, prefetch, out_batch >= 1, per_sm > 0)")
+        if (self.units not in (16, 32, 64) or min(self.min_blocks, self.prefetch, self.out_batch) < 1
+                or self.per_sm <= 0 or self.stages == 1 or not 0 <= self.stages <= 8):
+            raise ValueError(f"CudaMmaConfig: {self} (units 16, 32 or 64, min_blocks, prefetch, out_batch >= 1, "
+                             "per_sm > 0, stages 0 or 2-8)")
 
 
 def n_tiles(m: int) -> int:
@@ -76,14 +85,22 @@ def n_tiles(m: int) -> int:
     return -(-m // 8)
 
 
-def shared_bytes(cfg: CudaMmaConfig, m: int, stat_bits: int, stat_group: int) -> int:
-    """Static shared memory of a variant at batch ``m`` (staged activations, then the statistics
-    coefficients and the output tile, which share one buffer)."""
+def shared_bytes(cfg: CudaMmaConfig, m: int, stat_bits: int, stat_group: int, bits: int = 4) -> int:
+    """Shared memory of a variant at batch ``m`` (staged activations, then the statistics coefficients
+    and the output tile, which share one buffer, then the ring of ``cfg.stages`` steps of ``bits``-bit
+    codes and statistics words: per thread ``bits + 4`` words of 8 bytes a step)."""
     nbt = 128 // stat_group if 128 % stat_group == 0 else -(-128 // stat_group) + 1
     st2 = 0 if stat_bits == STAT_FP16 else 2 * cfg.units * nbt * 16
     rows = 8 * n_tiles(m)
     red = ROWS * (rows + 4) * 4
-    return cfg.units * rows * 64 + max(st2, red) + 16
+    return cfg.units * rows * 64 + max(st2, red) + cfg.stages * (bits + 4) * 8 * 256 + 16
+
+
+def dynamic_shared_bytes(cfg: CudaMmaConfig, m: int, stat_bits: int, stat_group: int, bits: int = 4) -> int:
+    """The dynamic shared memory a variant launches with: 0 where all of it fits 48 KB of static shared
+    memory and no ring is asked for, else all but the 16-byte arrival flag."""
+    smem = shared_bytes(cfg, m, stat_bits, stat_group, bits)
+    return smem - 16 if smem > STATIC_SHARED or cfg.stages else 0
 
 
 def unsupported_reason(dtype: torch.dtype, t, m: int) -> str | None:
@@ -196,14 +213,16 @@ def source(bits: int, stat_bits: int, stat_group: int, cfg: CudaMmaConfig, m: in
            bias: int) -> str:
     """The CUDA source of one variant for batch ``m`` (macros, shared helpers, the kernels); ValueError if
     it would not fit."""
-    if shared_bytes(cfg, m, stat_bits, stat_group) > 48 * 1024:
-        raise ValueError(f"CudaMmaConfig {cfg}: {shared_bytes(cfg, m, stat_bits, stat_group)} bytes of shared "
-                         f"memory at {m} activation rows (48 KB at most)")
+    smem = shared_bytes(cfg, m, stat_bits, stat_group, bits)
+    if smem > MAX_SHARED:
+        raise ValueError(f"CudaMmaConfig {cfg}: {smem} bytes of shared memory at {m} activation rows "
+                         f"({MAX_SHARED // 1024} KB at most)")
     defs = {
         "BITS": bits, "SB": stat_bits, "SG": stat_group, "NT": n_tiles(m), "MR": m, "UB": cfg.units, "MINB": cfg.min_blocks,
         "PF": cfg.prefetch, "OB": cfg.out_batch,
         "BUCKET": BUCKET, "HAS_OUT": int(has_out), "BIAS": bias, "XSC": f"{BF16_SCALE!r}f", "WS": f"{WS!r}f",
-        "PW": cuda_gemv.pairs_per_half(bits),
+        "PW": cuda_gemv.pairs_per_half(bits), "STG": cfg.stages,
+        "DSM": int(dynamic_shared_bytes(cfg, m, stat_bits, stat_group, bits) > 0),
     }
     head = "".join(f"#define {k} {v}\n" for k, v in defs.items())
     head += "".join(f"#define {name}({arg}) ({expr})\n" for name, (arg, expr) in _PAIR_MACROS.items())
@@ -232,6 +251,12 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) 
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(d), "l"(src), "r"(ok ? 16 : 0));
 }
 __device__ __forceinline__ uint2 ld2(const u32* p) { return *(const uint2*)p; }
+__device__ __forceinline__ void cp_async(void* dst, const void* src, int bytes) {  // 4 or 8 bytes, through L1
+    u32 d;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(d) : "l"(dst));
+    if (bytes == 8) asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(d), "l"(src));
+    else asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"(d), "l"(src));
+}
 """
 
 _SOURCE = r"""
@@ -242,6 +267,12 @@ _SOURCE = r"""
 #define NBT (128 % SG == 0 ? 128 / SG : (128 + SG - 1) / SG + 1)
 #define RS (T + 4)        // row stride of the output tile in shared memory
 #define NCHM (UB * 32 / BUCKET)
+#if SB != 16
+#define BUFN ((2 * UB * NBT * 4 > 128 * RS) ? 2 * UB * NBT * 4 : 128 * RS)  // floats: coefficients, then output tile
+#else
+#define BUFN (128 * RS)
+#endif
+#define RSTEP ((BITS + 4) * 256)  // uint2 words of one step of the shared ring (STG)
 
 // x [M, K] (bf16, rows stride_xm) -> xp [n_units][T][16] fp16 pairs, scaled by XSC, through perm, in
 // pair order (codes PA(p), PB(p) of each unit), rows >= M and columns >= K zero.
@@ -289,6 +320,38 @@ __device__ __forceinline__ void load_step(Step& b, int u, const u32* __restrict_
     b.z[1].x = *(const u32*)((const u16*)zq + (g1 * N + lrow));
 #endif
 }
+
+#if STG
+// load_step's words copied (cp.async) into the thread's slot of a step of the shared ring instead: field
+// f at ring[f * 256], a warp's 8-byte words side by side (no bank conflict); read back by read_step.
+// (A separate function: folding both into one template changed the register path's SASS.)
+__device__ __forceinline__ void copy_step(uint2* ring, int u, const u32* __restrict__ qw, const u32* __restrict__ sq,
+                                          const u32* __restrict__ zq, int N, int lrow, int n_units, int NSW, int G) {
+    u = min(u, n_units - 1);
+    const int qi = u * BITS * N + lrow;
+#pragma unroll
+    for (int w = 0; w < BITS; ++w) cp_async(ring + w * 256, qw + (qi + w * N), 8);
+#if SB != 16
+    const int wi = min((u * 2 * SB) >> 5, NSW - 1), wh = min(wi + 1, NSW - 1);
+    const int il = wi * N + lrow, ih = wh * N + lrow;
+    cp_async(ring + BITS * 256, sq + il, 8); cp_async(ring + (BITS + 1) * 256, sq + ih, 8);
+    cp_async(ring + (BITS + 2) * 256, zq + il, 8); cp_async(ring + (BITS + 3) * 256, zq + ih, 8);
+#else
+    const int g0 = min(2 * u, G - 1), g1 = min(2 * u + 1, G - 1);
+    cp_async(ring + BITS * 256, (const u16*)sq + (g0 * N + lrow), 4);
+    cp_async(ring + (BITS + 1) * 256, (const u16*)sq + (g1 * N + lrow), 4);
+    cp_async(ring + (BITS + 2) * 256, (const u16*)zq + (g0 * N + lrow), 4);
+    cp_async(ring + (BITS + 3) * 256, (const u16*)zq + (g1 * N + lrow), 4);
+#endif
+}
+
+__device__ __forceinline__ void read_step(Step& b, const uint2* ring) {
+#pragma unroll
+    for (int w = 0; w < BITS; ++w) b.w[w] = ring[w * 256];
+    b.s[0] = ring[BITS * 256]; b.s[1] = ring[(BITS + 1) * 256];
+    b.z[0] = ring[(BITS + 2) * 256]; b.z[1] = ring[(BITS + 3) * 256];
+}
+#endif
 
 // One bucketed outlier (column within bucket c of the block | fp16 value << 16) times the staged
 // activations of the MR rows of the call, added to outl (a compile-time count: no predicate per row).
@@ -360,14 +423,18 @@ spqr_mma_cuda(const uint4* __restrict__ xp, const u32* __restrict__ qw, const u3
               int M, int N, int G, int NBLK, int n_units, int NSW, int KS, int UPB, int NBK)
 {
     // the block's activations: (unit, row) -> 16 fp16 pairs as 4 chunks of 16 bytes, chunk q at q ^ (unit & 3)
-    __shared__ __align__(16) uint4 xs[UB * T * 4];
-#if SB != 16
-    __shared__ __align__(16) float buf[(2 * UB * NBT * 4 > 128 * RS) ? 2 * UB * NBT * 4 : 128 * RS];
-    float4* st2 = (float4*)buf;  // (As, Bs, Az, Bz) per (group, statistics block); then the output tile
+#if DSM  // above 48 KB: dynamic shared memory, the same two buffers one after the other
+    extern __shared__ __align__(16) uint4 dsm[];
+    uint4* xs = dsm;
+    float* buf = (float*)(dsm + UB * T * 4);
 #else
-    __shared__ __align__(16) float buf[128 * RS];
+    __shared__ __align__(16) uint4 xs[UB * T * 4];
+    __shared__ __align__(16) float buf[BUFN];
 #endif
     __shared__ int last;
+#if SB != 16
+    float4* st2 = (float4*)buf;  // (As, Bs, Az, Bz) per (group, statistics block); then the output tile
+#endif
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int tile = blockIdx.x, kb = blockIdx.y;
     const int ub = kb * UPB, nb = min(UPB, n_units - ub);  // the block's units [ub, ub + nb)
@@ -375,11 +442,21 @@ spqr_mma_cuda(const uint4* __restrict__ xp, const u32* __restrict__ qw, const u3
     const int lrow = min(row, N - 2);
     const int steps = (nb + 3) >> 2;  // a step: 4 units, one per lane of a quad
 
-    // 1. the first PF steps' loads, the row pointers of the block's outlier buckets
+    // 1. the first PF steps' loads (STG: the first STG - 1 steps' copies into the shared ring, a group
+    //    each), the row pointers of the block's outlier buckets
+#if STG
+    uint2* sring = (uint2*)(buf + BUFN) + tid;  // the thread's word of field 0 of ring step 0
+#pragma unroll
+    for (int i = 0; i < STG - 1; ++i) {
+        if (i < steps) copy_step(sring + i * RSTEP, ub + 4 * i + t, qw, sq, zq, N, lrow, n_units, NSW, G);
+        asm volatile("cp.async.commit_group;");
+    }
+#else
     Step ring[PF + 1];
 #pragma unroll
     for (int i = 0; i < PF; ++i)
         if (i < steps) load_step(ring[i], ub + 4 * i + t, qw, sq, zq, N, lrow, n_units, NSW, G);
+#endif
 #if HAS_OUT
     const int orow = tid & 127, oh = tid >> 7, cb0 = ub * 32 / BUCKET, nch = min(UPB * 32 / BUCKET, NBK - cb0);
     int os[NCHM], oe[NCHM];
@@ -431,6 +508,20 @@ spqr_mma_cuda(const uint4* __restrict__ xp, const u32* __restrict__ qw, const u3
     float acc[NT][4];
 #pragma unroll
     for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+#if STG  // step j + STG - 1 copied while step j is read back (its group complete) and computed
+#pragma unroll 1
+    for (int j = 0, rd = 0, wr = STG - 1; j < steps; ++j) {
+        if (j + STG - 1 < steps)
+            copy_step(sring + wr * RSTEP, ub + 4 * (j + STG - 1) + t, qw, sq, zq, N, lrow, n_units, NSW, G);
+        asm volatile("cp.async.commit_group;");
+        asm volatile("cp.async.wait_group %0;" :: "n"(STG - 1));
+        Step a;
+        read_step(a, sring + rd * RSTEP);
+        step_math(a, 4 * j + t, ub, ST2, BLK, (const uint4 (*)[T][4])xs, g, acc);
+        rd = rd == STG - 1 ? 0 : rd + 1;
+        wr = wr == STG - 1 ? 0 : wr + 1;
+    }
+#else
 #pragma unroll 1
     for (int j0 = 0; j0 < steps; j0 += PF + 1) {
 #pragma unroll
@@ -443,6 +534,7 @@ spqr_mma_cuda(const uint4* __restrict__ xp, const u32* __restrict__ qw, const u3
             }
         }
     }
+#endif
 
     // 4. the output tile in shared memory (it reuses the coefficients' buffer), then the outliers of
     //    the thread's row in the block's buckets (two threads per row, every other outlier each)
@@ -519,8 +611,13 @@ spqr_mma_cuda(const uint4* __restrict__ xp, const u32* __restrict__ qw, const u3
 @functools.lru_cache(maxsize=256)  # one variant per batch size: 15 a layer format at 2-16 rows
 def _kernels(bits: int, stat_bits: int, stat_group: int, cfg: CudaMmaConfig, m: int, has_out: bool, bias: int,
              device_index: int):
-    return cuda_gemv.build(source(bits, stat_bits, stat_group, cfg, m, has_out, bias),
-                           ("spqr_mma_xprep", "spqr_mma_cuda"), device_index, "spqr CUDA mma")
+    prep, kern = cuda_gemv.build(source(bits, stat_bits, stat_group, cfg, m, has_out, bias),
+                                 ("spqr_mma_xprep", "spqr_mma_cuda"), device_index, "spqr CUDA mma")
+    dyn = dynamic_shared_bytes(cfg, m, stat_bits, stat_group, bits)
+    if dyn:
+        with torch.cuda.device(device_index):
+            kern.set_shared_memory_config(dyn)  # the opt-in above 48 KB (cuFuncSetAttribute)
+    return prep, kern
 
 
 def launch(x2: torch.Tensor, t, bias: torch.Tensor | None, y: torch.Tensor, cfg: CudaMmaConfig, sms: int) -> None:
@@ -555,10 +652,12 @@ def launch(x2: torch.Tensor, t, bias: torch.Tensor | None, y: torch.Tensor, cfg:
         prep(grid=(math.ceil(xp.numel() / 256), 1, 1), block=(256, 1, 1),
              args=[x2, t.perm if t.perm is not None else dummy, xp, m, k, x2.stride(0), n_units, int(t.perm is not None)])
         kern(grid=(tiles, split, 1), block=(256, 1, 1),
+             shared_mem=dynamic_shared_bytes(cfg_b, m, t.stat_bits, 16 if fp16_stats else t.stat_group, t.bits),
              args=[xp, t.qweight, t.scale_q, t.zero_q, dummy if fp16_stats else t.scale_stats,
                    dummy if fp16_stats else t.zero_stats, bptr, ent, bias if bias is not None else y, y, ws, cnt,
                    m, n, t.n_groups, t.n_blocks, n_units, t.scale_q.shape[0], split, upb, -(-k // BUCKET)])
 
 
-__all__ = ["MAX_M", "CudaMmaConfig", "decode_c", "emulate_decode_c", "grid", "heuristic", "launch", "n_tiles",
-           "scratch_need", "shared_bytes", "source", "unsupported_reason"]
+__all__ = ["MAX_M", "MAX_SHARED", "STATIC_SHARED", "CudaMmaConfig", "decode_c", "dynamic_shared_bytes",
+           "emulate_decode_c", "grid", "heuristic", "launch", "n_tiles", "scratch_need", "shared_bytes", "source",
+           "unsupported_reason"]

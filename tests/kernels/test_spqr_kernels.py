@@ -735,7 +735,16 @@ def test_cuda_mma_blocks_cover_every_unit_and_outlier_bucket_once_and_fit_shared
     with pytest.raises(ValueError):
         cuda_mma.CudaMmaConfig(units=24)
     with pytest.raises(ValueError):
-        cuda_mma.CudaMmaConfig(units=64)  # never fits 48 KB at 16 rows
+        cuda_mma.CudaMmaConfig(units=128)
+    with pytest.raises(ValueError):
+        cuda_mma.CudaMmaConfig(stages=1)
+    # 32 units fit 48 KB of static shared memory at 16 rows; 64 units, or a shared ring of steps, take
+    # dynamic shared memory (all but the arrival flag)
+    assert "#define DSM 0" in cuda_mma.source(3, 3, 16, cuda_mma.CudaMmaConfig(), 16, True, 0)
+    for cfg, m in ((cuda_mma.CudaMmaConfig(units=64), 8), (cuda_mma.CudaMmaConfig(stages=3), 2)):
+        assert "#define DSM 1" in cuda_mma.source(3, 3, 16, cfg, m, True, 0)
+        assert cuda_mma.dynamic_shared_bytes(cfg, m, 3, 16, 3) == cuda_mma.shared_bytes(cfg, m, 3, 16, 3) - 16
+    assert cuda_mma.dynamic_shared_bytes(cuda_mma.CudaMmaConfig(), 16, 3, 16, 3) == 0
     with pytest.raises(ValueError):
         cuda_mma.CudaMmaConfig(prefetch=0)
     per_bucket = BUCKET // 32
@@ -744,7 +753,7 @@ def test_cuda_mma_blocks_cover_every_unit_and_outlier_bucket_once_and_fit_shared
         n_units, n_buckets = -(-k // 32), -(-k // BUCKET)
         for m in range(1, cuda_mma.MAX_M + 1):
             for cfg in [cuda_mma.CudaMmaConfig(), cuda_mma.CudaMmaConfig(16, 2, 4.0), cuda_mma.CudaMmaConfig(32, 1, 1.0)] + [
-                    c for c in [cuda_mma.heuristic(layer, m, 132)] if c]:
+                    c for c in [cuda_mma.heuristic(layer, m, 132)] if c] + [cuda_mma.CudaMmaConfig(64, 2, 1.0)]:
                 split, upb = cuda_mma.grid(layer, cfg, 132)
                 assert upb % per_bucket == 0 and upb <= cfg.units
                 units, buckets = [], []
@@ -758,7 +767,9 @@ def test_cuda_mma_blocks_cover_every_unit_and_outlier_bucket_once_and_fit_shared
                 assert units == list(range(n_units)) and buckets == list(range(n_buckets)), (n, k, m, cfg)
                 for sb, sg in ((3, 16), (2, 32), (4, 16), (16, 16)):
                     built = replace(cfg, units=upb)
-                    assert cuda_mma.shared_bytes(built, m, sb, sg) <= 48 * 1024
+                    assert cuda_mma.shared_bytes(built, m, sb, sg) <= (
+                        cuda_mma.MAX_SHARED if built.units == 64 else cuda_mma.STATIC_SHARED)
+                    assert cuda_mma.shared_bytes(replace(built, stages=4), m, sb, sg) <= cuda_mma.MAX_SHARED
     assert cuda_mma.heuristic(SimpleNamespace(in_features=4096, out_features=1024), 2, 132) is None  # small, M = 2-3
     assert cuda_mma.heuristic(SimpleNamespace(in_features=1024, out_features=4096), 3, 132) is None  # same size
     assert cuda_mma.heuristic(SimpleNamespace(in_features=4096, out_features=14336), 2, 132) is None  # large, M = 2
@@ -779,6 +790,14 @@ _CUDA_MMA_CASES = [
     (1, 1024, 4096, 4, 3, 16, True, 0.05, None, (16, 2, 8.0)),
     (4, 4096, 512, 3, 3, 16, True, 0.02, torch.bfloat16, None),  # one K split: y written directly, with bias
     (9, 4, 16, 3, 3, 16, True, 0.1, None, None),  # one unit, one group, 4 rows: every clamp
+    (8, 14336, 4096, 3, 3, 16, True, 0.01, None, (64, 2, 1.0)),  # 64-unit blocks: 48 KB exactly at 8 rows
+    (3, 4096, 14336, 3, 3, 16, True, 0.01, torch.bfloat16, (64, 2, 2.0)),
+    (2, 1000, 3000, 4, 16, 16, False, 0.02, None, (64, 1, 1.0)),
+    (16, 4096, 14336, 3, 3, 16, True, 0.01, None, (64, 2, 1.0)),  # 80 KB of dynamic shared memory
+    (11, 1000, 3000, 4, 16, 16, True, 0.02, torch.float32, (64, 2, 2.0)),
+    (4, 14336, 4096, 3, 3, 16, True, 0.01, None, (32, 2, 2.0, 1, 4, 4)),  # a shared ring of 4 steps
+    (16, 4096, 14336, 2, 3, 16, False, 0.01, torch.bfloat16, (64, 2, 1.0, 1, 4, 3)),
+    (7, 1000, 1100, 4, 16, 16, True, 0.03, None, (16, 2, 4.0, 1, 4, 2)),
 ]
 
 
