@@ -251,11 +251,13 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) 
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(d), "l"(src), "r"(ok ? 16 : 0));
 }
 __device__ __forceinline__ uint2 ld2(const u32* p) { return *(const uint2*)p; }
-__device__ __forceinline__ void cp_async(void* dst, const void* src, int bytes) {  // 4 or 8 bytes, through L1
+// 4 or 8 bytes through L1 into shared memory; "memory": the compiler keeps the thread's earlier reads of
+// the slot before it (the ring's write-after-read) and its later reads after the wait (STG loop)
+__device__ __forceinline__ void cp_async(void* dst, const void* src, int bytes) {
     u32 d;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(d) : "l"(dst));
-    if (bytes == 8) asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(d), "l"(src));
-    else asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"(d), "l"(src));
+    if (bytes == 8) asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(d), "l"(src) : "memory");
+    else asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"(d), "l"(src) : "memory");
 }
 """
 
@@ -513,8 +515,8 @@ spqr_mma_cuda(const uint4* __restrict__ xp, const u32* __restrict__ qw, const u3
     for (int j = 0, rd = 0, wr = STG - 1; j < steps; ++j) {
         if (j + STG - 1 < steps)
             copy_step(sring + wr * RSTEP, ub + 4 * (j + STG - 1) + t, qw, sq, zq, N, lrow, n_units, NSW, G);
-        asm volatile("cp.async.commit_group;");
-        asm volatile("cp.async.wait_group %0;" :: "n"(STG - 1));
+        asm volatile("cp.async.commit_group;" ::: "memory");
+        asm volatile("cp.async.wait_group %0;" :: "n"(STG - 1) : "memory");
         Step a;
         read_step(a, sring + rd * RSTEP);
         step_math(a, 4 * j + t, ub, ST2, BLK, (const uint4 (*)[T][4])xs, g, acc);
