@@ -74,9 +74,9 @@ class CudaMmaConfig:
     stages: int = 0
 
     def __post_init__(self) -> None:
-        if (self.units not in (16, 32, 64) or min(self.min_blocks, self.prefetch, self.out_batch) < 1
-                or self.per_sm <= 0 or self.stages == 1 or not 0 <= self.stages <= 8):
-            raise ValueError(f"CudaMmaConfig: {self} (units 16, 32 or 64, min_blocks, prefetch, out_batch >= 1, "
+        if (self.units not in (16, 32, 48, 64) or min(self.min_blocks, self.prefetch, self.out_batch) < 1
+                or self.per_sm <= 0 or self.stages == 1 or not 0 <= self.stages <= 8):  # 48: what grid() may give
+            raise ValueError(f"CudaMmaConfig: {self} (units 16, 32, 48 or 64, min_blocks, prefetch, out_batch >= 1, "
                              "per_sm > 0, stages 0 or 2-8)")
 
 

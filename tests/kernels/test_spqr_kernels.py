@@ -748,7 +748,8 @@ def test_cuda_mma_blocks_cover_every_unit_and_outlier_bucket_once_and_fit_shared
     with pytest.raises(ValueError):
         cuda_mma.CudaMmaConfig(prefetch=0)
     per_bucket = BUCKET // 32
-    for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096), (1000, 1100), (256, 2048), (512, 3000)):
+    for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096), (1000, 1100), (256, 2048), (512, 3000),
+                 (4096, 5120), (2048, 11008)):  # the last two: 48 units a block at 64 units at most
         layer = SimpleNamespace(in_features=k, out_features=n)
         n_units, n_buckets = -(-k // 32), -(-k // BUCKET)
         for m in range(1, cuda_mma.MAX_M + 1):
@@ -766,9 +767,9 @@ def test_cuda_mma_blocks_cover_every_unit_and_outlier_bucket_once_and_fit_shared
                     buckets += range(cb0, cb0 + min(upb * 32 // BUCKET, n_buckets - cb0))
                 assert units == list(range(n_units)) and buckets == list(range(n_buckets)), (n, k, m, cfg)
                 for sb, sg in ((3, 16), (2, 32), (4, 16), (16, 16)):
-                    built = replace(cfg, units=upb)
+                    built = replace(cfg, units=upb)  # a valid config (48 units included)
                     assert cuda_mma.shared_bytes(built, m, sb, sg) <= (
-                        cuda_mma.MAX_SHARED if built.units == 64 else cuda_mma.STATIC_SHARED)
+                        cuda_mma.MAX_SHARED if cfg.units > 32 else cuda_mma.STATIC_SHARED)
                     assert cuda_mma.shared_bytes(replace(built, stages=4), m, sb, sg) <= cuda_mma.MAX_SHARED
     assert cuda_mma.heuristic(SimpleNamespace(in_features=4096, out_features=1024), 2, 132) is None  # small, M = 2-3
     assert cuda_mma.heuristic(SimpleNamespace(in_features=1024, out_features=4096), 3, 132) is None  # same size
@@ -798,6 +799,10 @@ _CUDA_MMA_CASES = [
     (4, 14336, 4096, 3, 3, 16, True, 0.01, None, (32, 2, 2.0, 1, 4, 4)),  # a shared ring of 4 steps
     (16, 4096, 14336, 2, 3, 16, False, 0.01, torch.bfloat16, (64, 2, 1.0, 1, 4, 3)),
     (7, 1000, 1100, 4, 16, 16, True, 0.03, None, (16, 2, 4.0, 1, 4, 2)),
+    (12, 4096, 14336, 4, 16, 16, True, 0.01, None, (64, 2, 1.0)),  # fp16 statistics, dynamic shared memory
+    (16, 4096, 14336, 4, 16, 16, True, 0.01, torch.float16, (32, 2, 2.0, 1, 4, 4)),  # and a ring above 48 KB
+    (3, 512, 512, 3, 3, 16, True, 0.02, None, (32, 2, 2.0, 1, 4, 8)),  # fewer steps than the ring holds
+    (5, 4096, 5120, 3, 3, 16, True, 0.01, None, (64, 2, 1.0, 1, 4, 3)),  # 48-unit blocks
 ]
 
 
