@@ -7,9 +7,9 @@ over rotated input copies >= 480 MB, median of 20 replays, twice (the better med
     python scripts/bench_spqr_cuda.py                        # Llama-3-8B shapes, M = 1, the heuristic
     python scripts/bench_spqr_cuda.py --ms 1,2,3 --configs "8:2:2:4:2.0:8,4:2:4:4:4.0:8"
         # also CUDA launches warps:units:min_blocks:max_steps:per_sm:out_batch (CudaGemvConfig fields)
-    python scripts/bench_spqr_cuda.py --ms 2,4,8,16 --configs "mma:32:2:2.0:2,mma:16:2:4.0:1:4"
-        # the CUDA tensor-core kernel: mma:units:min_blocks:per_sm:prefetch:out_batch
-        # (CudaMmaConfig fields)
+    python scripts/bench_spqr_cuda.py --ms 2,4,8,16 --configs "mma:32:2:2.0:2,mma:16:2:4.0:1:4,mma:64:2:1.0:1:4:3"
+        # the CUDA tensor-core kernel: mma:units:min_blocks:per_sm:prefetch:out_batch[:stages]
+        # (CudaMmaConfig fields; stages >= 2: the cp.async shared ring instead of the register one)
     python scripts/bench_spqr_cuda.py --ms 2,4 --configs "mma:16:2:4.0:1:4" --no-triton   # shorter: no Triton row
 """
 
@@ -34,7 +34,7 @@ def rel_err(v: torch.Tensor, exact: torch.Tensor) -> float:
 
 def parse_config(spec: str) -> KernelConfig:
     f = spec.split(":")
-    if f[0] == "mma":  # mma:units:min_blocks:per_sm:prefetch:out_batch (CudaMmaConfig fields)
+    if f[0] == "mma":  # mma:units:min_blocks:per_sm:prefetch:out_batch[:stages] (CudaMmaConfig fields)
         c = cuda_mma.CudaMmaConfig(*(float(v) if i == 2 else int(v) for i, v in enumerate(f[1:])))
         return KernelConfig("cuda_mma", 16, cuda_gemv.ROWS, 4, cuda_mma=c)
     c = cuda_gemv.CudaGemvConfig(*(float(v) if i == 4 else int(v) for i, v in enumerate(f)))

@@ -25,6 +25,13 @@ down to ~2e-7 stay normal fp16 (|W| < 256, as in :mod:`.triton_mma16`). The outl
 bucketed copy of :func:`.cuda_gemv.outlier_buckets` against the staged activations; partials add in a
 fixed order (split K through the shared workspace of :mod:`effllm_kernels.splitk`): deterministic.
 
+Two launch options, not defaults: blocks of up to 64 units (one wave of blocks on the 8B MLP shapes
+instead of 1.7; dynamic shared memory where a variant exceeds 48 KB), and ``stages``: each thread
+copies its steps' words with cp.async into its own slots of a shared ring, ``stages - 1`` steps ahead
+of the math, instead of holding one step ahead in registers (more bytes in flight per SM at fewer
+registers). Both were built in session 13 to test the ~28 us floor at 1-4 rows (BENCHMARKS.md); no GPU
+could be had to run them in that session.
+
 A group-column variant (the mma's N holding the weights' groups, the codes as raw A operands and the
 statistics applied per group in fp32) was built and measured in session 12: 1.3-2.4x slower than this
 layout at 1-8 rows (BENCHMARKS.md), so it was removed.
