@@ -620,9 +620,13 @@ spqr_mma_cuda(const uint4* __restrict__ xp, const u32* __restrict__ qw, const u3
 @functools.lru_cache(maxsize=256)  # one variant per batch size: 15 a layer format at 2-16 rows
 def _kernels(bits: int, stat_bits: int, stat_group: int, cfg: CudaMmaConfig, m: int, has_out: bool, bias: int,
              device_index: int):
+    dyn = dynamic_shared_bytes(cfg, m, stat_bits, stat_group, bits)
+    optin = getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_block_optin", 49152)
+    if dyn + 16 > optin:
+        raise ValueError(f"CudaMmaConfig {cfg}: {dyn + 16} bytes of shared memory at {m} activation rows, "
+                         f"this device allows {optin} per block")
     prep, kern = cuda_gemv.build(source(bits, stat_bits, stat_group, cfg, m, has_out, bias),
                                  ("spqr_mma_xprep", "spqr_mma_cuda"), device_index, "spqr CUDA mma")
-    dyn = dynamic_shared_bytes(cfg, m, stat_bits, stat_group, bits)
     if dyn:
         with torch.cuda.device(device_index):
             kern.set_shared_memory_config(dyn)  # the opt-in above 48 KB (cuFuncSetAttribute)
