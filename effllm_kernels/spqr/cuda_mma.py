@@ -92,7 +92,7 @@ def n_tiles(m: int) -> int:
     return -(-m // 8)
 
 
-def shared_bytes(cfg: CudaMmaConfig, m: int, stat_bits: int, stat_group: int, bits: int = 4) -> int:
+def shared_bytes(cfg: CudaMmaConfig, m: int, stat_bits: int, stat_group: int, bits: int) -> int:
     """Shared memory of a variant at batch ``m`` (staged activations, then the statistics coefficients
     and the output tile, which share one buffer, then the ring of ``cfg.stages`` steps of ``bits``-bit
     codes and statistics words: per thread ``bits + 4`` words of 8 bytes a step)."""
@@ -103,7 +103,7 @@ def shared_bytes(cfg: CudaMmaConfig, m: int, stat_bits: int, stat_group: int, bi
     return cfg.units * rows * 64 + max(st2, red) + cfg.stages * (bits + 4) * 8 * 256 + 16
 
 
-def dynamic_shared_bytes(cfg: CudaMmaConfig, m: int, stat_bits: int, stat_group: int, bits: int = 4) -> int:
+def dynamic_shared_bytes(cfg: CudaMmaConfig, m: int, stat_bits: int, stat_group: int, bits: int) -> int:
     """The dynamic shared memory a variant launches with: 0 where all of it fits 48 KB of static shared
     memory and no ring is asked for, else all but the 16-byte arrival flag."""
     smem = shared_bytes(cfg, m, stat_bits, stat_group, bits)
@@ -620,6 +620,7 @@ spqr_mma_cuda(const uint4* __restrict__ xp, const u32* __restrict__ qw, const u3
 @functools.lru_cache(maxsize=256)  # one variant per batch size: 15 a layer format at 2-16 rows
 def _kernels(bits: int, stat_bits: int, stat_group: int, cfg: CudaMmaConfig, m: int, has_out: bool, bias: int,
              device_index: int):
+    """(xprep kernel, main kernel, the main kernel's dynamic shared memory in bytes) of one variant."""
     dyn = dynamic_shared_bytes(cfg, m, stat_bits, stat_group, bits)
     optin = getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_block_optin", 49152)
     if dyn + 16 > optin:
@@ -630,7 +631,7 @@ def _kernels(bits: int, stat_bits: int, stat_group: int, cfg: CudaMmaConfig, m: 
     if dyn:
         with torch.cuda.device(device_index):
             kern.set_shared_memory_config(dyn)  # the opt-in above 48 KB (cuFuncSetAttribute)
-    return prep, kern
+    return prep, kern, dyn
 
 
 def launch(x2: torch.Tensor, t, bias: torch.Tensor | None, y: torch.Tensor, cfg: CudaMmaConfig, sms: int) -> None:
@@ -651,7 +652,7 @@ def launch(x2: torch.Tensor, t, bias: torch.Tensor | None, y: torch.Tensor, cfg:
     cfg_b = replace(cfg, units=upb)  # shared memory and the staging loop sized for the units a block takes
     tiles = -(-n // ROWS)
     n_units = -(-k // 32)
-    prep, kern = _kernels(t.bits, t.stat_bits, 16 if fp16_stats else t.stat_group, cfg_b, m, t.nnz > 0,
+    prep, kern, dyn = _kernels(t.bits, t.stat_bits, 16 if fp16_stats else t.stat_group, cfg_b, m, t.nnz > 0,
                           0 if bias is None else BIAS_CODES[bias.dtype], x2.device.index or 0)
     xp = torch.empty(n_units * rows * 16, dtype=torch.int32, device=x2.device)  # 16 pair words per (unit, row)
     if split > 1:
@@ -665,7 +666,7 @@ def launch(x2: torch.Tensor, t, bias: torch.Tensor | None, y: torch.Tensor, cfg:
         prep(grid=(math.ceil(xp.numel() / 256), 1, 1), block=(256, 1, 1),
              args=[x2, t.perm if t.perm is not None else dummy, xp, m, k, x2.stride(0), n_units, int(t.perm is not None)])
         kern(grid=(tiles, split, 1), block=(256, 1, 1),
-             shared_mem=dynamic_shared_bytes(cfg_b, m, t.stat_bits, 16 if fp16_stats else t.stat_group, t.bits),
+             shared_mem=dyn,
              args=[xp, t.qweight, t.scale_q, t.zero_q, dummy if fp16_stats else t.scale_stats,
                    dummy if fp16_stats else t.zero_stats, bptr, ent, bias if bias is not None else y, y, ws, cnt,
                    m, n, t.n_groups, t.n_blocks, n_units, t.scale_q.shape[0], split, upb, -(-k // BUCKET)])

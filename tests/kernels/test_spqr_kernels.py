@@ -768,9 +768,9 @@ def test_cuda_mma_blocks_cover_every_unit_and_outlier_bucket_once_and_fit_shared
                 assert units == list(range(n_units)) and buckets == list(range(n_buckets)), (n, k, m, cfg)
                 for sb, sg in ((3, 16), (2, 32), (4, 16), (16, 16)):
                     built = replace(cfg, units=upb)  # a valid config (48 units included)
-                    assert cuda_mma.shared_bytes(built, m, sb, sg) <= (
+                    assert cuda_mma.shared_bytes(built, m, sb, sg, 4) <= (  # 4 bits: the most
                         cuda_mma.MAX_SHARED if cfg.units > 32 else cuda_mma.STATIC_SHARED)
-                    assert cuda_mma.shared_bytes(replace(built, stages=4), m, sb, sg) <= cuda_mma.MAX_SHARED
+                    assert cuda_mma.shared_bytes(replace(built, stages=4), m, sb, sg, 4) <= cuda_mma.MAX_SHARED
     assert cuda_mma.heuristic(SimpleNamespace(in_features=4096, out_features=1024), 2, 132) is None  # small, M = 2-3
     assert cuda_mma.heuristic(SimpleNamespace(in_features=1024, out_features=4096), 3, 132) is None  # same size
     assert cuda_mma.heuristic(SimpleNamespace(in_features=4096, out_features=14336), 2, 132) is None  # large, M = 2
@@ -791,7 +791,7 @@ _CUDA_MMA_CASES = [
     (1, 1024, 4096, 4, 3, 16, True, 0.05, None, (16, 2, 8.0)),
     (4, 4096, 512, 3, 3, 16, True, 0.02, torch.bfloat16, None),  # one K split: y written directly, with bias
     (9, 4, 16, 3, 3, 16, True, 0.1, None, None),  # one unit, one group, 4 rows: every clamp
-    (8, 14336, 4096, 3, 3, 16, True, 0.01, None, (64, 2, 1.0)),  # 64-unit blocks: 48 KB exactly at 8 rows
+    (8, 14336, 4096, 3, 3, 16, True, 0.01, None, (64, 2, 1.0)),  # 64-unit blocks: 48 KB + the flag at 8 rows
     (3, 4096, 14336, 3, 3, 16, True, 0.01, torch.bfloat16, (64, 2, 2.0)),
     (2, 1000, 3000, 4, 16, 16, False, 0.02, None, (64, 1, 1.0)),
     (16, 4096, 14336, 3, 3, 16, True, 0.01, None, (64, 2, 1.0)),  # 80 KB of dynamic shared memory
